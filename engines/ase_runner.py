@@ -1,0 +1,99 @@
+"""Run ASE-calculator jobs prepared by :class:`engines.ase_engine.AseEngine`.
+
+Usage: ``python -m engines.ase_runner DIR [DIR ...]``. Each directory gets a
+``status.json``; results go to ``final.extxyz`` and ``results.json``. A job past its
+``timeout_seconds`` is interrupted and marked ``timeout``; the next job still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from ase.filters import FrechetCellFilter
+from ase.io import read, write
+from ase.optimize import BFGS
+
+from engines import get_engine
+from engines.ase_engine import DONE_MARKER, FINAL_FILE, INPUT_FILE, JOB_FILE, RESULTS_FILE
+from engines.base import JobStatus
+from engines.parameters import CalculationKind, CalculationParameters
+
+
+class JobTimeout(Exception):
+    """Raised inside a job when its time limit passes."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise JobTimeout
+
+
+def compute(directory: Path) -> dict:
+    """Run the job in ``directory`` and return its results summary."""
+    job = json.loads((directory / JOB_FILE).read_text())
+    params = CalculationParameters.model_validate(job["parameters"])
+    engine = get_engine(job["engine"])
+    atoms = read(directory / INPUT_FILE, format="extxyz")
+    atoms.calc = engine.make_calculator(params)
+    converged = None
+    n_steps = None
+    if params.kind is CalculationKind.optimize:
+        target = FrechetCellFilter(atoms) if params.relax_cell else atoms
+        optimizer = BFGS(target, logfile="-", trajectory=str(directory / "opt.traj"))
+        converged = bool(optimizer.run(fmax=params.fmax, steps=params.max_steps))
+        n_steps = optimizer.nsteps
+    energy = atoms.get_potential_energy()
+    if params.forces:
+        atoms.get_forces()
+    extras = engine.extra_properties(atoms.calc)
+    write(directory / FINAL_FILE, atoms, format="extxyz")
+    return {
+        "energy": energy,
+        "converged": converged,
+        "n_steps": n_steps,
+        "energy_hartree": extras.pop("energy_hartree", None),
+        "gap": extras.pop("gap", None),
+        "properties": extras,
+    }
+
+
+def run_job(directory: Path) -> JobStatus:
+    """Compute one directory under its time limit and return the status written there."""
+    params = json.loads((directory / JOB_FILE).read_text())["parameters"]
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, float(params["timeout_seconds"]))
+    try:
+        summary = compute(directory)
+        status = JobStatus("completed", "", time.monotonic() - started, 0)
+        (directory / RESULTS_FILE).write_text(json.dumps(summary))
+    except JobTimeout:
+        status = JobStatus("timeout", "engine exceeded its time limit", time.monotonic() - started)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stdout)
+        message = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        )
+        status = JobStatus("failed", message, time.monotonic() - started, 1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    status.write(directory)
+    return status
+
+
+def main(argv: list[str]) -> int:
+    """Run each directory in ``argv``; return 0 (per-job failures are in their status)."""
+    signal.signal(signal.SIGALRM, _on_alarm)
+    for arg in argv:
+        directory = Path(arg)
+        print(f"--- {directory.name}", flush=True)
+        run_job(directory)
+        print(f"{DONE_MARKER}{directory}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

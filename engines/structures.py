@@ -1,0 +1,152 @@
+"""Read structures from files, folders or inline text, and check them before any engine runs.
+
+Every problem becomes an :class:`InputError` with a one-line message that names the
+structure, so a screen over hundreds of files says which one is wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+from ase.io import read, write
+from ase.neighborlist import neighbor_list
+
+from engines.errors import InputError
+
+STRUCTURE_SUFFIXES = frozenset({".xyz", ".extxyz", ".cif", ".vasp", ".pdb", ".traj", ".json"})
+MIN_DISTANCE = 0.5
+
+
+@dataclass
+class NamedStructure:
+    """A structure and the name it is reported under."""
+
+    name: str
+    atoms: Atoms
+
+
+def to_extxyz(atoms: Atoms) -> str:
+    """Return ``atoms`` as extended XYZ text."""
+    buffer = io.StringIO()
+    write(buffer, atoms, format="extxyz")
+    return buffer.getvalue()
+
+
+def safe_name(text: str) -> str:
+    """Return ``text`` reduced to characters that are safe in a file name."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
+    return cleaned[:60] or "structure"
+
+
+def _one_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message, without ASE's module prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.replace("ase.io.extxyz: ", "")
+
+
+def _read_frames(source: io.StringIO | Path, label: str, fmt: str | None) -> list[Atoms]:
+    """Return all frames of ``source`` or raise an InputError naming ``label``."""
+    try:
+        frames = read(source, index=":", format=fmt)
+    except KeyError as exc:
+        raise InputError(f"{label}: unknown element {exc.args[0]!r}") from None
+    except Exception as exc:
+        raise InputError(f"{label}: cannot read structure: {_one_line(exc)}") from None
+    if not frames:
+        raise InputError(f"{label}: no structure found")
+    return frames if isinstance(frames, list) else [frames]
+
+
+def _name_frames(stem: str, frames: list[Atoms]) -> list[NamedStructure]:
+    """Return the frames named after ``stem`` (or their own ``name`` info when they have one)."""
+    if len(frames) == 1:
+        return [NamedStructure(safe_name(frames[0].info.get("name", stem)), frames[0])]
+    return [
+        NamedStructure(safe_name(str(atoms.info.get("name", f"{stem}-{i}"))), atoms)
+        for i, atoms in enumerate(frames)
+    ]
+
+
+def read_structure_file(path: Path, fmt: str | None = None) -> list[NamedStructure]:
+    """Return every structure in the file ``path``."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such structure file")
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        raise InputError(f"{path}: structure file is empty")
+    if fmt is None and path.suffix in {".xyz", ".extxyz"}:
+        fmt = "extxyz"
+    return _name_frames(path.stem, _read_frames(path, str(path), fmt))
+
+
+def read_structure_text(
+    text: str, fmt: str = "extxyz", name: str = "inline"
+) -> list[NamedStructure]:
+    """Return every structure in inline ``text`` (extended XYZ by default)."""
+    if not text.strip():
+        raise InputError(f"{name}: structure text is empty")
+    return _name_frames(name, _read_frames(io.StringIO(text), name, fmt))
+
+
+def read_structure_folder(folder: Path, fmt: str | None = None) -> list[NamedStructure]:
+    """Return the structures of every structure file in ``folder``, sorted by file name."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in STRUCTURE_SUFFIXES)
+    if not files:
+        raise InputError(f"{folder}: no structure files ({', '.join(sorted(STRUCTURE_SUFFIXES))})")
+    structures: list[NamedStructure] = []
+    for path in files:
+        structures.extend(read_structure_file(path, fmt))
+    return structures
+
+
+def read_structures(path: str | None, text: str | None, fmt: str | None) -> list[NamedStructure]:
+    """Return the structures named by a path (file or folder) or given as inline text."""
+    if (path is None) == (text is None):
+        raise InputError("give exactly one of a structure path or inline structure text")
+    if text is not None:
+        return read_structure_text(text, fmt or "extxyz")
+    source = Path(path).expanduser()
+    if source.is_dir():
+        return read_structure_folder(source, fmt)
+    return read_structure_file(source, fmt)
+
+
+def check_electrons(atoms: Atoms, charge: int, multiplicity: int, label: str) -> None:
+    """Raise InputError unless ``charge`` and ``multiplicity`` are possible for ``atoms``."""
+    electrons = int(atoms.numbers.sum()) - charge
+    unpaired = multiplicity - 1
+    if electrons < 0:
+        raise InputError(f"{label}: charge {charge:+d} leaves {electrons} electrons")
+    if unpaired > electrons or (electrons - unpaired) % 2:
+        raise InputError(
+            f"{label}: multiplicity {multiplicity} is impossible with {electrons} electrons"
+            f" (charge {charge:+d}); use an {'odd' if electrons % 2 == 0 else 'even'} one"
+        )
+
+
+def check_geometry(atoms: Atoms, label: str, min_distance: float = MIN_DISTANCE) -> None:
+    """Raise InputError for empty structures, unknown elements, bad numbers or overlapping atoms."""
+    if len(atoms) == 0:
+        raise InputError(f"{label}: structure has no atoms")
+    unknown = [chemical_symbols[z] for z in atoms.numbers if z <= 0 or z > 118]
+    if unknown:
+        raise InputError(f"{label}: unknown element {unknown[0]!r}")
+    if not np.isfinite(atoms.positions).all():
+        raise InputError(f"{label}: positions contain NaN or infinite values")
+    if atoms.pbc.any() and atoms.cell.rank < int(atoms.pbc.sum()):
+        raise InputError(f"{label}: periodic structure has a degenerate cell")
+    if len(atoms) < 2:
+        return
+    i, j, d = neighbor_list("ijd", atoms, min_distance, self_interaction=False)
+    if len(d):
+        k = int(np.argmin(d))
+        a, b = int(i[k]), int(j[k])
+        raise InputError(
+            f"{label}: atoms {a} ({atoms[a].symbol}) and {b} ({atoms[b].symbol}) overlap,"
+            f" {d[k]:.3f} A apart (minimum {min_distance} A)"
+        )

@@ -1,0 +1,264 @@
+"""The ``atomforge`` command: run one structure, screen many, look at stored results.
+
+Bad input is caught before any flow or engine starts: one line on stderr, exit code 2.
+An engine failure exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from engines import engine_names, get_engine
+from engines.errors import AtomforgeError, InputError
+from flows.models import RunOptions, SimulationParameters, StructureResult, StructureSource
+from flows.paths import run_paths
+from flows.settings import get_settings
+from flows.store import iter_runs, query_results, result_path
+
+EXIT_ENGINE_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _option(text: str) -> tuple[str, str | int | float | bool]:
+    """Return ``key=value`` parsed, the value as bool, int, float or str."""
+    if "=" not in text:
+        raise InputError(f"option {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    if raw.lower() in {"true", "false"}:
+        return key, raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            continue
+    return key, raw
+
+
+def _pydantic_line(exc: ValidationError) -> str:
+    """Return the first problem of a pydantic error as one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "input"
+    return f"{where}: {err['msg']}"
+
+
+def _add_calculation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options shared by ``run`` and ``screen``."""
+    parser.add_argument("--engine", default="xtb", help=f"one of {', '.join(engine_names())}")
+    parser.add_argument("--kind", default="optimize", choices=["singlepoint", "optimize"])
+    parser.add_argument("--charge", default="0")
+    parser.add_argument("--multiplicity", default="1")
+    parser.add_argument("--fmax", default=None, help="force threshold, eV/A (ASE engines)")
+    parser.add_argument("--max-steps", default=None)
+    parser.add_argument("--timeout", default=None, help="seconds per structure")
+    parser.add_argument("--relax-cell", action="store_true")
+    parser.add_argument("--no-forces", action="store_true")
+    parser.add_argument("--format", default=None, help="ASE format of the structure file(s)")
+    parser.add_argument("--option", "-o", action="append", default=[], help="engine key=value")
+    parser.add_argument("--run-dir", default=None, help="folder under the work root")
+
+
+def _parameters(args: argparse.Namespace) -> SimulationParameters:
+    """Return validated simulation parameters from the command line."""
+    fields = {
+        "engine": args.engine,
+        "kind": args.kind,
+        "charge": args.charge,
+        "multiplicity": args.multiplicity,
+        "fmax": args.fmax,
+        "max_steps": args.max_steps,
+        "timeout_seconds": args.timeout,
+        "relax_cell": args.relax_cell,
+        "forces": not args.no_forces,
+        "options": dict(_option(o) for o in args.option),
+    }
+    get_engine(args.engine)
+    return SimulationParameters.model_validate({k: v for k, v in fields.items() if v is not None})
+
+
+def _source(args: argparse.Namespace) -> StructureSource:
+    """Return the structure source named on the command line."""
+    if args.structure == "-":
+        return StructureSource(text=sys.stdin.read(), format=args.format)
+    return StructureSource(path=str(Path(args.structure).resolve()), format=args.format)
+
+
+def print_results(results: Sequence[StructureResult]) -> None:
+    """Print a table of results, one line each."""
+    print(
+        f"{'#':>3} {'name':<24} {'formula':<12} {'status':<10} {'E / eV':>14} "
+        f"{'E / Eh':>14} {'gap / eV':>9} {'conv':>5}"
+    )
+    for rank, r in enumerate(results, start=1):
+        energy = f"{r.energy_eV:14.6f}" if r.energy_eV is not None else f"{'':>14}"
+        hartree = f"{r.energy_hartree:14.8f}" if r.energy_hartree is not None else f"{'':>14}"
+        gap = f"{r.gap_eV:9.4f}" if r.gap_eV is not None else f"{'':>9}"
+        conv = "" if r.converged is None else ("yes" if r.converged else "no")
+        print(
+            f"{rank:>3} {r.name[:24]:<24} {r.formula[:12]:<12} {r.status:<10} {energy} "
+            f"{hartree} {gap} {conv:>5}" + (f"  {r.message}" if r.message else "")
+        )
+
+
+def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
+    """Return source, parameters and options after checking them all (InputError if bad)."""
+    from flows.tasks import check_inputs
+
+    try:
+        params = _parameters(args)
+        source = _source(args)
+        options = RunOptions(
+            run_dir=args.run_dir,
+            skip_invalid=skip_invalid,
+            chunk_size=getattr(args, "chunk_size", None),
+        )
+    except ValidationError as exc:
+        raise InputError(_pydantic_line(exc)) from None
+    run_paths(get_settings(), "check", options.run_dir)
+    check_inputs(source, params, skip_invalid)
+    return source, params, options
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run one structure; print its result. Return the exit code."""
+    source, params, options = _prepare(args)
+    from flows.simulate import simulate
+
+    state = simulate(source, params, options, return_state=True)
+    results = query_results(
+        get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
+    )
+    print_results(results)
+    if not state.is_completed():
+        print(f"atomforge: error: {state.message}", file=sys.stderr)
+        return EXIT_ENGINE_FAILED
+    print(f"result: {result_path(get_settings().resolved_results_root(), results[0])}")
+    return 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    """Screen every structure of a file or folder; print the ranking. Return the exit code."""
+    source, params, options = _prepare(args, args.skip_invalid)
+    from flows.screen import screen
+
+    state = screen(source, params, options, args.rank_by, return_state=True)
+    if not state.is_completed():
+        print(f"atomforge: error: {state.message}", file=sys.stderr)
+        return EXIT_ENGINE_FAILED
+    report = state.result()
+    print_results(report.results[: args.top])
+    print(
+        f"{report.n_completed} of {report.n_structures} completed; ranked by {report.rank_by};"
+        f" run {report.flow_run_id}"
+    )
+    return 0 if report.n_completed == report.n_structures else EXIT_ENGINE_FAILED
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Print stored results matching the filters. Return the exit code."""
+    results = query_results(
+        get_settings().resolved_results_root(),
+        flow_run_id=args.run,
+        engine=args.engine,
+        formula=args.formula,
+        status=args.status,
+        name=args.name,
+    )[: args.limit]
+    if args.json:
+        for r in results:
+            print(r.model_dump_json())
+    else:
+        print_results(results)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Print stored runs, newest first. Return the exit code."""
+    for run in list(iter_runs(get_settings().resolved_results_root()))[: args.limit]:
+        print(
+            f"{run.flow_run_id}  {run.flow_name:<8} {run.state:<10} {run.engine:<7} "
+            f"{run.n_completed}/{run.n_structures}  {run.started_at:%Y-%m-%d %H:%M}  "
+            f"{run.message}"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print one stored result document as JSON. Return the exit code."""
+    matches = [
+        r
+        for r in query_results(get_settings().resolved_results_root())
+        if args.id in (r.id, f"{r.flow_run_id}/{r.id}") or r.flow_run_id == args.id
+    ]
+    if not matches:
+        raise InputError(f"no stored result {args.id!r}")
+    for r in matches:
+        print(json.dumps(r.model_dump(mode="json"), indent=1))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the main job: an xTB water optimization and a small screening. Return the exit code."""
+    from flows.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``atomforge`` command."""
+    parser = argparse.ArgumentParser(prog="atomforge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="compute one structure")
+    run.add_argument("structure", help="structure file, or - for XYZ on stdin")
+    _add_calculation_arguments(run)
+    run.set_defaults(func=cmd_run)
+    scr = sub.add_parser("screen", help="compute and rank many structures")
+    scr.add_argument("structure", help="folder of structure files or a multi-frame file")
+    _add_calculation_arguments(scr)
+    scr.add_argument(
+        "--rank-by", default="energy_per_atom", choices=["energy_per_atom", "energy", "gap"]
+    )
+    scr.add_argument("--chunk-size", type=int, default=None)
+    scr.add_argument("--skip-invalid", action="store_true")
+    scr.add_argument("--top", type=int, default=50)
+    scr.set_defaults(func=cmd_screen)
+    res = sub.add_parser("results", help="query stored results")
+    res.add_argument("--run", default=None, help="flow run id (or its prefix)")
+    res.add_argument("--engine", default=None)
+    res.add_argument("--formula", default=None, help="Hill formula, e.g. H2O")
+    res.add_argument("--status", default=None)
+    res.add_argument("--name", default=None)
+    res.add_argument("--limit", type=int, default=100)
+    res.add_argument("--json", action="store_true", help="one JSON document per line")
+    res.set_defaults(func=cmd_results)
+    runs = sub.add_parser("runs", help="list stored runs")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.set_defaults(func=cmd_runs)
+    show = sub.add_parser("show", help="print a stored result document")
+    show.add_argument("id", help="result id, run-id/result-id, or a run id")
+    show.set_defaults(func=cmd_show)
+    demo = sub.add_parser("demo", help="water optimization + small screening, printed")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return its exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"atomforge: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AtomforgeError as exc:
+        print(f"atomforge: error: {exc}", file=sys.stderr)
+        return EXIT_ENGINE_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

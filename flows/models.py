@@ -1,0 +1,123 @@
+"""Pydantic models of flow parameters and result documents (the Prefect UI renders these)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import PurePath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engines.parameters import CalculationParameters
+
+EngineName = Literal["xtb", "tblite", "emt"]
+
+
+class StructureSource(BaseModel):
+    """Where the structures come from: a file or folder path, or inline XYZ/extended-XYZ text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        None, description="Structure file (xyz, extxyz, cif, POSCAR...) or a folder of them."
+    )
+    text: str | None = Field(None, description="Inline structure text, e.g. an XYZ block.")
+    format: str | None = Field(None, description="ASE format name when it cannot be guessed.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StructureSource:
+        if (self.path is None) == (self.text is None):
+            raise ValueError("give exactly one of 'path' or 'text'")
+        return self
+
+
+class SimulationParameters(CalculationParameters):
+    """The engine to use plus how to compute each structure."""
+
+    engine: EngineName = Field("xtb", description="Engine: xtb, tblite or emt.")
+
+
+class RunOptions(BaseModel):
+    """Where a run works and how a screen splits its structures."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str | None = Field(
+        None,
+        description="Folder under the work root for this run's working directories "
+        "(default: the flow run id). Must stay inside the work root.",
+    )
+    chunk_size: int | None = Field(
+        None, ge=1, description="Structures per Dask task (default: spread over the workers)."
+    )
+    skip_invalid: bool = Field(
+        False, description="Screen: report invalid structures and go on instead of failing."
+    )
+
+    @field_validator("run_dir")
+    @classmethod
+    def _inside_work_root(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = PurePath(value)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise ValueError(f"run_dir {value!r} must be a relative path inside the work root")
+        return value
+
+
+class StructureResult(BaseModel):
+    """Everything known about one structure's calculation: inputs, engine, outputs, files."""
+
+    id: str
+    flow_run_id: str
+    flow_name: str
+    index: int
+    name: str
+    status: str
+    message: str = ""
+    engine: str
+    engine_version: str = ""
+    parameters: dict[str, Any]
+    formula: str
+    n_atoms: int
+    input_structure: str = Field(description="Input structure as extended XYZ.")
+    energy_eV: float | None = None
+    energy_hartree: float | None = None
+    energy_per_atom_eV: float | None = None
+    gap_eV: float | None = None
+    max_force_eV_per_A: float | None = None
+    converged: bool | None = None
+    n_steps: int | None = None
+    final_structure: str | None = Field(None, description="Final structure as extended XYZ.")
+    forces_eV_per_A: list[list[float]] | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+    wall_seconds: float = 0.0
+    workdir: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @property
+    def ok(self) -> bool:
+        """Return True when the calculation completed."""
+        return self.status == "completed"
+
+
+class RunSummary(BaseModel):
+    """One flow run: what it was asked, how it ended, and the ids of its results."""
+
+    flow_run_id: str
+    flow_name: str
+    state: str
+    message: str = ""
+    engine: str
+    parameters: dict[str, Any]
+    source: dict[str, Any]
+    n_structures: int = 0
+    n_completed: int = 0
+    result_ids: list[str] = Field(default_factory=list)
+    work_dir: str
+    started_at: datetime
+    finished_at: datetime | None = None
+
+
+DEFAULT_PARAMETERS = SimulationParameters()
+DEFAULT_OPTIONS = RunOptions()

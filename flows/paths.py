@@ -1,0 +1,40 @@
+"""Where a flow run works: its job folders, and the control folder its hooks use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.errors import InputError
+from flows.settings import Settings
+
+CONTROL_DIR = ".control"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The folders of one flow run."""
+
+    work_dir: Path
+    control_dir: Path
+
+    @property
+    def pid_dir(self) -> Path:
+        """Return the folder where engine processes record their pids."""
+        return self.control_dir / "pids"
+
+    @property
+    def stop_file(self) -> Path:
+        """Return the file whose existence tells every engine of this run to stop."""
+        return self.control_dir / "stop"
+
+
+def run_paths(settings: Settings, flow_run_id: str, run_dir: str | None = None) -> RunPaths:
+    """Return the folders of a flow run; raise InputError if ``run_dir`` escapes the work root."""
+    root = settings.resolved_work_root()
+    work_dir = (root / (run_dir or flow_run_id)).resolve()
+    if not work_dir.is_relative_to(root) or work_dir == root:
+        raise InputError(f"run_dir {run_dir!r} escapes the work root {root}")
+    if work_dir.is_relative_to(root / CONTROL_DIR):
+        raise InputError(f"run_dir {run_dir!r} is reserved")
+    return RunPaths(work_dir=work_dir, control_dir=root / CONTROL_DIR / flow_run_id)

@@ -1,0 +1,40 @@
+"""Build the Dask task runner from settings: local cluster, existing scheduler, or HPC cluster."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect_dask import DaskTaskRunner
+
+from flows.settings import Settings, get_settings
+
+logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
+    """Return a DaskTaskRunner as configured.
+
+    ``ATOMFORGE_DASK_ADDRESS`` connects to a running scheduler; ``ATOMFORGE_DASK_CLUSTER_CLASS``
+    (e.g. ``dask_jobqueue.SLURMCluster``) with ``ATOMFORGE_DASK_CLUSTER_KWARGS`` starts one;
+    otherwise a ``LocalCluster`` with ``ATOMFORGE_DASK_WORKERS`` single-threaded workers.
+    """
+    settings = settings or get_settings()
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    adapt = {"maximum": settings.dask_adapt_max} if settings.dask_adapt_max else None
+    if settings.dask_cluster_class:
+        return DaskTaskRunner(
+            cluster_class=settings.dask_cluster_class,
+            cluster_kwargs=settings.dask_cluster_kwargs,
+            adapt_kwargs=adapt,
+        )
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": settings.dask_workers,
+            "threads_per_worker": 1,
+            "processes": settings.dask_processes,
+            "dashboard_address": None,
+            **settings.dask_cluster_kwargs,
+        },
+        adapt_kwargs=adapt,
+    )

@@ -1,0 +1,71 @@
+"""The ``screen`` flow: many structures through the same four steps, ranked at the end."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.hooks import stop_engines
+from flows.models import (
+    DEFAULT_OPTIONS,
+    DEFAULT_PARAMETERS,
+    RunOptions,
+    SimulationParameters,
+    StructureResult,
+    StructureSource,
+)
+from flows.pipeline import run_structures
+from flows.runner import dask_task_runner
+
+RankKey = Literal["energy_per_atom", "energy", "gap"]
+
+
+class ScreenReport(BaseModel):
+    """A screen's results, best first by ``rank_by``; failed structures come last."""
+
+    flow_run_id: str
+    rank_by: RankKey
+    n_structures: int
+    n_completed: int
+    results: list[StructureResult] = Field(default_factory=list)
+
+
+def rank(results: list[StructureResult], rank_by: RankKey) -> list[StructureResult]:
+    """Return completed results sorted by ``rank_by`` (energies ascending, gap descending)."""
+    key = {
+        "energy_per_atom": lambda r: r.energy_per_atom_eV,
+        "energy": lambda r: r.energy_eV,
+        "gap": lambda r: -(r.gap_eV if r.gap_eV is not None else float("-inf")),
+    }[rank_by]
+    done = sorted((r for r in results if r.ok), key=key)
+    return done + [r for r in results if not r.ok]
+
+
+@flow(
+    name="screen",
+    task_runner=dask_task_runner(),
+    on_cancellation=[stop_engines],
+    on_crashed=[stop_engines],
+    persist_result=True,
+    result_serializer="json",
+)
+def screen(
+    source: StructureSource,
+    parameters: SimulationParameters = DEFAULT_PARAMETERS,
+    options: RunOptions = DEFAULT_OPTIONS,
+    rank_by: RankKey = "energy_per_atom",
+) -> ScreenReport:
+    """Compute every structure of ``source`` and return them ranked by ``rank_by``."""
+    title = f"screen: {parameters.engine} {parameters.kind.value}, ranked by {rank_by}"
+    outcome = run_structures(source, parameters, options, title)
+    ranked = rank(outcome.results, rank_by)
+    outcome.publish("screen", title, ranked)
+    return ScreenReport(
+        flow_run_id=ranked[0].flow_run_id if ranked else "",
+        rank_by=rank_by,
+        n_structures=len(ranked),
+        n_completed=sum(r.ok for r in ranked),
+        results=ranked,
+    )

@@ -1,0 +1,78 @@
+"""atomforge's configuration, read from ``ATOMFORGE_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KeepWorkdir(str, Enum):
+    """When to keep a structure's working directory after its run."""
+
+    always = "always"
+    on_failure = "on_failure"
+    never = "never"
+
+
+class Settings(BaseSettings):
+    """Where atomforge keeps files and how it reaches Dask; each field is ``ATOMFORGE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ATOMFORGE_", env_file=".env", extra="ignore")
+
+    home: Path = Field(
+        Path("~/.atomforge"), description="Default parent of work_root and results_root."
+    )
+    work_root: Path | None = Field(None, description="Per-run working directories live here.")
+    results_root: Path | None = Field(None, description="JSON result documents live here.")
+    keep_workdir: KeepWorkdir = Field(
+        KeepWorkdir.always, description="Keep working directories: always, on_failure, never."
+    )
+    dask_address: str | None = Field(
+        None, description="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."
+    )
+    dask_cluster_class: str | None = Field(
+        None, description="Dask cluster class to start instead, e.g. dask_jobqueue.SLURMCluster."
+    )
+    dask_cluster_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for that cluster class (JSON)."
+    )
+    dask_adapt_max: int | None = Field(
+        None, ge=1, description="Scale the cluster adaptively up to this many workers."
+    )
+    dask_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="Local cluster workers."
+    )
+    dask_processes: bool = Field(
+        False,
+        description="Local cluster workers as processes (engines always run as their own "
+        "processes, so threads are enough and start faster).",
+    )
+    chunk_size: int | None = Field(
+        None, ge=1, description="Structures per task in a screen; default spreads over workers."
+    )
+    retries: int = Field(3, ge=0, description="Retries of a step that failed for a passing reason.")
+    retry_backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubles.")
+    retry_jitter: float = Field(0.5, ge=0, description="Random jitter factor on retry delays.")
+    min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
+
+    def resolved_work_root(self) -> Path:
+        """Return the absolute work root, creating it if needed."""
+        root = (self.work_root or self.home / "work").expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def resolved_results_root(self) -> Path:
+        """Return the absolute results root, creating it if needed."""
+        root = (self.results_root or self.home / "results").expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+
+def get_settings() -> Settings:
+    """Return the settings as the environment says now."""
+    return Settings()

@@ -1,0 +1,100 @@
+"""The results store: one JSON document per structure and one per run, queryable afterwards.
+
+Layout: ``<results_root>/<flow_run_id>/run.json`` and ``<results_root>/<flow_run_id>/<id>.json``.
+Every write goes to a temporary file first and is renamed into place, so a crash or a
+concurrent run never leaves a half-written document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from flows.models import RunSummary, StructureResult
+
+RUN_FILE = "run.json"
+
+
+def write_json(path: Path, document: BaseModel) -> Path:
+    """Write ``document`` as JSON to ``path`` atomically; return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(document.model_dump_json(indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def result_path(root: Path, result: StructureResult) -> Path:
+    """Return where the document of ``result`` is stored."""
+    return root / result.flow_run_id / f"{result.id}.json"
+
+
+def save_result(root: Path, result: StructureResult) -> Path:
+    """Store one structure's result; return its path."""
+    return write_json(result_path(root, result), result)
+
+
+def save_run(root: Path, summary: RunSummary) -> Path:
+    """Store a run's summary; return its path."""
+    return write_json(root / summary.flow_run_id / RUN_FILE, summary)
+
+
+def load_run(root: Path, flow_run_id: str) -> RunSummary | None:
+    """Return the summary of a run, or None if there is none."""
+    path = root / flow_run_id / RUN_FILE
+    return RunSummary.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def iter_runs(root: Path) -> Iterator[RunSummary]:
+    """Yield every stored run summary, newest first."""
+    paths = sorted(root.glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in paths:
+        try:
+            yield RunSummary.model_validate_json(path.read_text())
+        except (OSError, ValidationError):
+            continue
+
+
+def iter_results(root: Path, flow_run_id: str | None = None) -> Iterator[StructureResult]:
+    """Yield stored structure results (of one run, or all), newest run first."""
+    pattern = f"{flow_run_id or '*'}/*.json"
+    paths = sorted(root.glob(pattern), key=lambda p: (-p.stat().st_mtime, p.name))
+    for path in paths:
+        if path.name == RUN_FILE:
+            continue
+        try:
+            yield StructureResult.model_validate_json(path.read_text())
+        except (OSError, ValidationError, json.JSONDecodeError):
+            continue
+
+
+def query_results(
+    root: Path,
+    *,
+    flow_run_id: str | None = None,
+    engine: str | None = None,
+    formula: str | None = None,
+    status: str | None = None,
+    name: str | None = None,
+) -> list[StructureResult]:
+    """Return stored results matching every given filter (a run id may be a prefix)."""
+    matches = []
+    for result in iter_results(root):
+        if flow_run_id and not result.flow_run_id.startswith(flow_run_id):
+            continue
+        if engine and result.engine != engine:
+            continue
+        if formula and result.formula != formula:
+            continue
+        if status and result.status != status:
+            continue
+        if name and name not in result.name:
+            continue
+        matches.append(result)
+    return matches

@@ -1,0 +1,268 @@
+"""The four reusable steps of every simulation, as Prefect tasks.
+
+validate -> prepare-inputs -> run-engine -> parse-results. The last three take a chunk of
+structures, so a screen pays Prefect's per-task cost per chunk, not per structure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+import numpy as np
+from ase import Atoms
+from ase.io import write
+from prefect import task
+from prefect.artifacts import update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from engines import get_engine
+from engines.base import JobStatus
+from engines.errors import EngineError, InputError, RunStopped
+from engines.structures import (
+    NamedStructure,
+    check_electrons,
+    check_geometry,
+    read_structures,
+    to_extxyz,
+)
+from flows.models import SimulationParameters, StructureResult, StructureSource
+from flows.paths import RunPaths
+from flows.settings import get_settings
+from flows.store import save_result
+
+_settings = get_settings()
+
+
+def is_worth_retrying(task, task_run, state) -> bool:
+    """Return True only for failures another attempt can fix (never for bad input or stops)."""
+    try:
+        state.result()
+    except EngineError as exc:
+        return exc.retryable
+    except (InputError, RunStopped):
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+RETRYING = {
+    "retries": _settings.retries,
+    "retry_delay_seconds": exponential_backoff(_settings.retry_backoff_seconds),
+    "retry_jitter_factor": _settings.retry_jitter,
+    "retry_condition_fn": is_worth_retrying,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
+@dataclass
+class Job:
+    """One structure on its way through the steps."""
+
+    index: int
+    name: str
+    atoms: Atoms
+    directory: Path
+    status: JobStatus | None = None
+
+
+@dataclass
+class ValidatedInput:
+    """Structures that passed validation, and those rejected (when asked to skip them)."""
+
+    structures: list[NamedStructure]
+    rejected: list[tuple[NamedStructure | None, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the steps need to know about the flow run they belong to."""
+
+    flow_run_id: str
+    flow_name: str
+    paths: RunPaths
+    results_root: Path
+    progress_id: UUID | None
+    total: int
+
+
+def validate_structure(
+    structure: NamedStructure, params: SimulationParameters, min_distance: float
+) -> None:
+    """Raise InputError unless ``structure`` can be computed with ``params``."""
+    check_geometry(structure.atoms, structure.name, min_distance)
+    check_electrons(structure.atoms, params.charge, params.multiplicity, structure.name)
+    try:
+        get_engine(params.engine).check(structure.atoms, params)
+    except InputError as exc:
+        raise InputError(f"{structure.name}: {exc}") from None
+
+
+def check_inputs(
+    source: StructureSource, params: SimulationParameters, skip_invalid: bool = False
+) -> ValidatedInput:
+    """Return the structures of ``source`` that pass every check; raise InputError otherwise.
+
+    With ``skip_invalid`` an invalid structure is set aside with its reason instead.
+    """
+    get_engine(params.engine)
+    structures = read_structures(source.path, source.text, source.format)
+    accepted: list[NamedStructure] = []
+    rejected: list[tuple[NamedStructure | None, str]] = []
+    for structure in structures:
+        try:
+            validate_structure(structure, params, get_settings().min_distance)
+        except InputError as exc:
+            if not skip_invalid:
+                raise
+            rejected.append((structure, str(exc)))
+            continue
+        accepted.append(structure)
+    if not accepted:
+        raise InputError(f"no valid structure to compute ({len(rejected)} rejected)")
+    return ValidatedInput(accepted, rejected)
+
+
+@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
+def validate(
+    source: StructureSource, params: SimulationParameters, skip_invalid: bool = False
+) -> ValidatedInput:
+    """Return the structures of ``source`` that pass every check (see :func:`check_inputs`)."""
+    validated = check_inputs(source, params, skip_invalid)
+    get_run_logger().info(
+        "%d structure(s) valid for %s, %d rejected",
+        len(validated.structures),
+        params.engine,
+        len(validated.rejected),
+    )
+    return validated
+
+
+@task(name="prepare-inputs", **RETRYING)
+def prepare_inputs(
+    structures: list[NamedStructure],
+    first_index: int,
+    params: SimulationParameters,
+    run: RunContext,
+) -> list[Job]:
+    """Return jobs whose working directories hold the engine's input files."""
+    engine = get_engine(params.engine)
+    jobs = []
+    for offset, structure in enumerate(structures):
+        index = first_index + offset
+        directory = run.paths.work_dir / f"{index:05d}-{structure.name}"
+        directory.mkdir(parents=True, exist_ok=True)
+        write(directory / "structure.extxyz", structure.atoms, format="extxyz")
+        engine.write_inputs(structure.atoms, params, directory)
+        jobs.append(Job(index, structure.name, structure.atoms, directory))
+    return jobs
+
+
+class ProgressReporter:
+    """Updates the run's progress artifact as structures finish (at most once a second)."""
+
+    def __init__(self, run: RunContext, logger: logging.LoggerAdapter) -> None:
+        self.run = run
+        self.logger = logger
+        self.last_update = 0.0
+
+    def __call__(self, directory: Path, status: JobStatus) -> None:
+        """Log how ``directory`` ended and refresh the progress artifact."""
+        self.logger.info("%s: %s %s", directory.name, status.status, status.message)
+        now = time.monotonic()
+        if self.run.progress_id is None or now - self.last_update < 1.0:
+            return
+        self.last_update = now
+        done = sum(1 for _ in self.run.paths.work_dir.glob("*/status.json"))
+        update_progress_artifact(
+            self.run.progress_id, min(100.0, 100.0 * done / max(self.run.total, 1))
+        )
+
+
+@task(name="run-engine", **RETRYING)
+def run_engine(jobs: list[Job], params: SimulationParameters, run: RunContext) -> list[Job]:
+    """Return the jobs after running the engine on each; statuses say how each ended."""
+    if not jobs:
+        return jobs
+    logger = get_run_logger()
+    engine = get_engine(params.engine)
+    logger.info("running %s on %d structure(s)", engine.name, len(jobs))
+    run.paths.pid_dir.mkdir(parents=True, exist_ok=True)
+    engine.execute(
+        [job.directory for job in jobs],
+        params,
+        pid_dir=run.paths.pid_dir,
+        stop_file=run.paths.stop_file,
+        log=lambda line: logger.info("%s", line),
+        on_done=ProgressReporter(run, logger),
+    )
+    for job in jobs:
+        job.status = JobStatus.read(job.directory)
+    return jobs
+
+
+def make_result(
+    job: Job, params: SimulationParameters, run: RunContext, status: JobStatus
+) -> StructureResult:
+    """Return the result document of ``job`` with its inputs and how it ended (no outputs)."""
+    engine = get_engine(params.engine)
+    return StructureResult(
+        id=f"{job.index:05d}-{job.name}",
+        flow_run_id=run.flow_run_id,
+        flow_name=run.flow_name,
+        index=job.index,
+        name=job.name,
+        status=status.status,
+        message=status.message,
+        engine=engine.name,
+        engine_version=engine.version(),
+        parameters=params.model_dump(mode="json"),
+        formula=job.atoms.get_chemical_formula(mode="hill"),
+        n_atoms=len(job.atoms),
+        input_structure=to_extxyz(job.atoms),
+        wall_seconds=status.wall_seconds,
+        workdir=str(job.directory),
+    )
+
+
+@task(name="parse-results", **RETRYING)
+def parse_results(
+    jobs: list[Job], params: SimulationParameters, run: RunContext
+) -> list[StructureResult]:
+    """Return one stored result document per job, with the engine's outputs where it finished."""
+    engine = get_engine(params.engine)
+    results = []
+    for job in jobs:
+        status = job.status or JobStatus("failed", "engine never ran")
+        result = make_result(job, params, run, status)
+        if status.completed:
+            try:
+                out = engine.read_results(job.directory, params)
+            except (OSError, ValueError, KeyError) as exc:
+                result.status = "failed"
+                result.message = f"cannot read results: {exc}"
+            else:
+                forces = out.forces
+                result.energy_eV = out.energy
+                result.energy_hartree = out.energy_hartree
+                result.energy_per_atom_eV = out.energy / len(out.atoms)
+                result.gap_eV = out.gap
+                result.converged = out.converged
+                result.n_steps = out.n_steps
+                result.final_structure = to_extxyz(out.atoms)
+                if forces is not None:
+                    result.forces_eV_per_A = np.asarray(forces).tolist()
+                    result.max_force_eV_per_A = float(np.linalg.norm(forces, axis=1).max())
+                result.properties = out.properties
+        save_result(run.results_root, result)
+        results.append(result)
+    return results
