@@ -99,10 +99,12 @@ def validate_structure(
     structure: NamedStructure, params: SimulationParameters, min_distance: float
 ) -> None:
     """Raise InputError unless ``structure`` can be computed with ``params``."""
+    engine = get_engine(params.engine)
     check_geometry(structure.atoms, structure.name, min_distance)
-    check_electrons(structure.atoms, params.charge, params.multiplicity, structure.name)
+    if engine.supports_charge:
+        check_electrons(structure.atoms, params.charge, params.multiplicity, structure.name)
     try:
-        get_engine(params.engine).check(structure.atoms, params)
+        engine.check(structure.atoms, params)
     except InputError as exc:
         raise InputError(f"{structure.name}: {exc}") from None
 

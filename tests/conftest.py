@@ -1,0 +1,56 @@
+"""Test set-up: a private Prefect home (embedded API) and atomforge home for the session."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="atomforge-tests-"))
+os.environ["PREFECT_HOME"] = str(SESSION_HOME / "prefect")
+os.environ["ATOMFORGE_HOME"] = str(SESSION_HOME / "atomforge")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("ATOMFORGE_DASK_WORKERS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+WATER_XYZ = """3
+water
+O 0.000000 0.000000 0.119262
+H 0.000000 0.763239 -0.477047
+H 0.000000 -0.763239 -0.477047
+"""
+
+
+def water_cluster_xyz(side: int = 4, spacing: float = 3.1) -> str:
+    """Return XYZ text of side**3 water molecules on a grid: xtb needs minutes to optimize it."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    cluster = Atoms()
+    for i, j, k in itertools.product(range(side), repeat=3):
+        water = molecule("H2O")
+        water.translate((spacing * i, spacing * j, spacing * k))
+        cluster += water
+    lines = [str(len(cluster)), "water cluster"]
+    lines += [f"{a.symbol} {a.x:.6f} {a.y:.6f} {a.z:.6f}" for a in cluster]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def water_file(tmp_path: Path) -> Path:
+    """Return the path of an xyz file holding one water molecule."""
+    path = tmp_path / "water.xyz"
+    path.write_text(WATER_XYZ)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_session_home():
+    yield
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""simulate and screen on the embedded Prefect API and a local Dask cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ase.build import molecule
+from ase.io import write
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+
+from flows.models import RunOptions, SimulationParameters, StructureSource
+from flows.screen import screen
+from flows.settings import get_settings
+from flows.simulate import simulate
+from flows.store import load_run, query_results
+
+
+def _artifacts(flow_run_id: str) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+def _task_names(flow_run_id: str) -> list[str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return sorted(r.name.rsplit("-", 1)[0] for r in runs)
+
+
+def test_simulate_runs_four_steps_and_stores_inputs_and_results(water_file):
+    state = simulate(
+        StructureSource(path=str(water_file)), SimulationParameters(), return_state=True
+    )
+    assert state.is_completed()
+    result = state.result()
+    flow_run_id = result.flow_run_id
+    assert _task_names(flow_run_id) == ["parse-results", "prepare-inputs", "run-engine", "validate"]
+
+    stored = query_results(get_settings().resolved_results_root(), flow_run_id=flow_run_id)
+    assert [r.id for r in stored] == [result.id]
+    document = json.loads(
+        (get_settings().resolved_results_root() / flow_run_id / f"{result.id}.json").read_text()
+    )
+    assert document["engine"] == "xtb" and document["engine_version"].startswith("6.")
+    assert document["parameters"]["kind"] == "optimize"
+    assert document["input_structure"].startswith("3\n")
+    assert document["formula"] == "H2O"
+    run = load_run(get_settings().resolved_results_root(), flow_run_id)
+    assert run.state == "Completed" and run.result_ids == [result.id]
+    workdir = Path(result.workdir)
+    assert (workdir / "xtb.log").read_text().count("normal termination of xtb") == 1
+
+    artifacts = _artifacts(flow_run_id)
+    keys = {"simulate-table", "simulate-summary", "simulate-progress", "simulate-results"}
+    assert keys <= set(artifacts)
+    assert artifacts["simulate-progress"].data == 100.0
+    table = artifacts["simulate-table"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert rows[0]["formula"] == "H2O" and rows[0]["status"] == "completed"
+    assert "1 of 1" in artifacts["simulate-summary"].data
+    assert flow_run_id in artifacts["simulate-results"].data
+
+
+def test_flow_results_are_persisted_as_json_not_pickle(water_file):
+    state = simulate(
+        StructureSource(path=str(water_file)),
+        SimulationParameters(kind="singlepoint"),
+        return_state=True,
+    )
+    metadata = state.data.metadata
+    assert metadata.serializer.type == "json"
+    payload = json.loads(Path(metadata.storage_key).read_text())
+    assert payload["data"]["id"] == state.result().id
+    assert payload["data"]["energy_hartree"] == state.result().energy_hartree
+
+
+def test_screen_ranks_a_folder_and_reports_invalid_structures(tmp_path):
+    for name in ("H2O", "CH4", "NH3", "CO"):
+        write(tmp_path / f"{name}.xyz", molecule(name), format="xyz")
+    (tmp_path / "broken.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0.05\n")
+    report = screen(
+        StructureSource(path=str(tmp_path)),
+        SimulationParameters(engine="xtb", kind="singlepoint"),
+        RunOptions(skip_invalid=True, chunk_size=2),
+        rank_by="gap",
+    )
+    assert report.n_structures == 5 and report.n_completed == 4
+    gaps = [r.gap_eV for r in report.results[:4]]
+    assert gaps == sorted(gaps, reverse=True)
+    assert report.results[-1].name == "broken" and report.results[-1].status == "invalid"
+    assert "overlap" in report.results[-1].message
+    assert _task_names(report.flow_run_id).count("run-engine") == 2
+
+
+def test_screen_reads_a_multi_frame_extxyz_with_tblite(tmp_path):
+    frames = [molecule(name) for name in ("H2O", "H2", "CH4")]
+    for atoms, name in zip(frames, ("water", "hydrogen", "methane")):
+        atoms.info["name"] = name
+    write(tmp_path / "set.extxyz", frames, format="extxyz")
+    report = screen(
+        StructureSource(path=str(tmp_path / "set.extxyz")),
+        SimulationParameters(engine="tblite", kind="singlepoint"),
+    )
+    assert report.n_completed == 3
+    assert {r.name for r in report.results} == {"water", "hydrogen", "methane"}
+    energies = [r.energy_per_atom_eV for r in report.results]
+    assert energies == sorted(energies)
+
+
+def test_bad_input_fails_the_flow_and_leaves_other_runs_intact(tmp_path, water_file):
+    good = simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+    root = get_settings().resolved_results_root()
+    before = {p: p.read_bytes() for p in (root / good.flow_run_id).iterdir()}
+    empty = tmp_path / "empty.xyz"
+    empty.write_text("")
+    state = simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+    assert state.is_failed()
+    assert "structure file is empty" in state.message
+    assert {p: p.read_bytes() for p in (root / good.flow_run_id).iterdir()} == before
+
+
+@pytest.mark.parametrize(("policy", "kept"), [("never", False), ("on_failure", False)])
+def test_workdir_is_cleaned_as_configured(monkeypatch, water_file, policy, kept):
+    monkeypatch.setenv("ATOMFORGE_KEEP_WORKDIR", policy)
+    result = simulate(
+        StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint")
+    )
+    assert result.workdir is None
+    run = load_run(get_settings().resolved_results_root(), result.flow_run_id)
+    assert Path(run.work_dir).exists() is kept
+
+
+def test_engine_timeout_kills_the_engine_and_fails_clearly():
+    from tests.conftest import water_cluster_xyz
+
+    params = SimulationParameters(engine="xtb", timeout_seconds=2)
+    state = simulate(StructureSource(text=water_cluster_xyz(3)), params, return_state=True)
+    assert state.is_failed()
+    assert "timeout" in state.message
+    result = query_results(
+        get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
+    )[0]
+    assert result.status == "timeout" and result.wall_seconds < 10

@@ -1,0 +1,128 @@
+"""Bad input is refused with a clear one-line InputError before any engine starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from engines.errors import InputError
+from flows.models import RunOptions, SimulationParameters, StructureSource
+from flows.paths import run_paths
+from flows.settings import Settings
+from flows.tasks import check_inputs
+
+
+def _check(tmp_path: Path, text: str, suffix: str = ".xyz", **params) -> None:
+    path = tmp_path / f"input{suffix}"
+    path.write_text(text)
+    check_inputs(StructureSource(path=str(path)), SimulationParameters(**params))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "structure file is empty"),
+        ("\n  \n", "structure file is empty"),
+        ("garbage\n", "cannot read structure"),
+        ("3\n\nO 0 0\n", "cannot read structure"),
+        ("3\n\nO 0 0 0\nH 0 0 1\n", "cannot read structure"),
+        ("2\n\nXx 0 0 0\nH 0 0 1\n", "unknown element 'Xx'"),
+        ("2\n\nH 0 0 0\nH 0 0 0.1\n", "overlap, 0.100 A apart"),
+        ("1\n\nH nan 0 0\n", "NaN"),
+    ],
+)
+def test_bad_structure_files_give_one_line_errors(tmp_path, text, message):
+    with pytest.raises(InputError) as info:
+        _check(tmp_path, text)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no such structure file"):
+        check_inputs(StructureSource(path=str(tmp_path / "nope.xyz")), SimulationParameters())
+
+
+@pytest.mark.parametrize(
+    ("charge", "multiplicity", "message"),
+    [
+        (0, 2, "multiplicity 2 is impossible with 10 electrons"),
+        (1, 1, "multiplicity 1 is impossible with 9 electrons"),
+        (0, 13, "multiplicity 13 is impossible"),
+        (11, 1, "leaves -1 electrons"),
+    ],
+)
+def test_impossible_charge_or_multiplicity_is_refused(tmp_path, charge, multiplicity, message):
+    from tests.conftest import WATER_XYZ
+
+    with pytest.raises(InputError, match=message):
+        _check(tmp_path, WATER_XYZ, charge=charge, multiplicity=multiplicity)
+
+
+def test_possible_radical_is_accepted(tmp_path):
+    from tests.conftest import WATER_XYZ
+
+    _check(tmp_path, WATER_XYZ, charge=1, multiplicity=2)
+
+
+def test_unknown_engine_is_refused(tmp_path):
+    with pytest.raises(ValidationError):
+        SimulationParameters(engine="gaussian")
+    from engines import get_engine
+
+    with pytest.raises(InputError, match=r"unknown engine 'gaussian' \(available: emt, tblite"):
+        get_engine("gaussian")
+
+
+def test_wrong_parameter_types_are_refused():
+    with pytest.raises(ValidationError):
+        SimulationParameters(charge="one")
+    with pytest.raises(ValidationError):
+        SimulationParameters(multiplicity=0)
+    with pytest.raises(ValidationError):
+        SimulationParameters(timeout_seconds=-1)
+    with pytest.raises(ValidationError):
+        SimulationParameters(unknown_field=1)
+
+
+def test_engines_refuse_what_they_cannot_compute(tmp_path):
+    from tests.conftest import WATER_XYZ
+
+    with pytest.raises(InputError, match="emt: no parameters for"):
+        _check(tmp_path, "1\n\nFe 0 0 0\n", engine="emt", kind="singlepoint")
+    with pytest.raises(InputError, match="emt.*no charge or spin"):
+        _check(tmp_path, WATER_XYZ, engine="emt", charge=1, multiplicity=2)
+    with pytest.raises(InputError, match="xtb.*cannot compute periodic"):
+        _check(
+            tmp_path,
+            '2\nLattice="3 0 0 0 3 0 0 0 3" Properties=species:S:1:pos:R:3 pbc="T T T"\n'
+            "Cu 0 0 0\nCu 1.5 1.5 0\n",
+            suffix=".extxyz",
+        )
+    with pytest.raises(InputError, match="does not know option"):
+        _check(tmp_path, WATER_XYZ, options={"basis": "def2-SVP"})
+    with pytest.raises(InputError, match="unknown method"):
+        _check(tmp_path, WATER_XYZ, options={"method": "GFN9-xTB"})
+
+
+@pytest.mark.parametrize("run_dir", ["../elsewhere", "/etc", "a/../../b", ".."])
+def test_run_dir_cannot_escape_the_work_root(tmp_path, run_dir):
+    with pytest.raises(ValidationError):
+        RunOptions(run_dir=run_dir)
+    with pytest.raises(InputError, match="escapes the work root"):
+        run_paths(Settings(work_root=tmp_path), "id", run_dir)
+
+
+def test_folder_without_structures_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    with pytest.raises(InputError, match="no structure files"):
+        check_inputs(StructureSource(path=str(tmp_path)), SimulationParameters())
+
+
+def test_source_needs_exactly_one_of_path_and_text():
+    with pytest.raises(ValidationError):
+        StructureSource()
+    with pytest.raises(ValidationError):
+        StructureSource(path="a.xyz", text="1\n\nH 0 0 0\n")
