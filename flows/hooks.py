@@ -12,11 +12,18 @@ from datetime import datetime, timezone
 from prefect.logging import get_logger
 
 from engines.process import kill_recorded
-from flows.paths import run_paths
+from flows.paths import RunPaths, run_paths
 from flows.settings import KeepWorkdir, get_settings
 from flows.store import load_run, save_run
 
 logger = get_logger("atomforge.hooks")
+
+
+def stop_run_engines(paths: RunPaths) -> list[int]:
+    """Tell every engine of a run to stop and kill those on this host; return killed pids."""
+    paths.control_dir.mkdir(parents=True, exist_ok=True)
+    paths.stop_file.touch()
+    return kill_recorded(paths.pid_dir)
 
 
 def stop_engines(flow, flow_run, state) -> None:
@@ -27,9 +34,7 @@ def stop_engines(flow, flow_run, state) -> None:
         paths = run_paths(settings, str(flow_run.id), run_dir)
     except ValueError:
         paths = run_paths(settings, str(flow_run.id))
-    paths.control_dir.mkdir(parents=True, exist_ok=True)
-    paths.stop_file.write_text(state.name)
-    killed = kill_recorded(paths.pid_dir)
+    killed = stop_run_engines(paths)
     logger.warning(
         "flow run %s %s: stopped %d engine process(es) %s",
         flow_run.name,

@@ -16,6 +16,7 @@ from engines.base import JobStatus
 from engines.errors import AtomforgeError
 from engines.structures import NamedStructure
 from flows import artifacts
+from flows.hooks import stop_run_engines
 from flows.models import (
     RunOptions,
     RunSummary,
@@ -152,6 +153,9 @@ def run_structures(
         summary.state, summary.message = "Failed", str(exc)
         summary.finished_at = datetime.now(timezone.utc)
         save_run(results_root, summary)
+        raise
+    except BaseException:
+        stop_run_engines(paths)
         raise
     summary.n_structures = len(results)
     summary.n_completed = sum(r.ok for r in results)

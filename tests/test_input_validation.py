@@ -92,9 +92,9 @@ def test_engines_refuse_what_they_cannot_compute(tmp_path):
 
     with pytest.raises(InputError, match="emt: no parameters for"):
         _check(tmp_path, "1\n\nFe 0 0 0\n", engine="emt", kind="singlepoint")
-    with pytest.raises(InputError, match="emt.*no charge or spin"):
+    with pytest.raises(InputError, match=r"emt.*no charge or spin"):
         _check(tmp_path, WATER_XYZ, engine="emt", charge=1, multiplicity=2)
-    with pytest.raises(InputError, match="xtb.*cannot compute periodic"):
+    with pytest.raises(InputError, match=r"xtb.*cannot compute periodic"):
         _check(
             tmp_path,
             '2\nLattice="3 0 0 0 3 0 0 0 3" Properties=species:S:1:pos:R:3 pbc="T T T"\n'

@@ -1,0 +1,92 @@
+"""Stopping a run stops its engine: the whole process tree, whichever way the run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from flows.settings import get_settings
+from tests.conftest import REPO, water_cluster_xyz
+
+FLOW_SCRIPT = """
+import sys
+from flows.models import SimulationParameters, StructureSource
+from flows.simulate import simulate
+
+if __name__ == "__main__":
+    simulate(StructureSource(path=sys.argv[1]), SimulationParameters(engine="xtb"))
+"""
+
+
+def _wait_for_engine(control_root: Path, timeout: float = 90) -> dict:
+    """Return the first engine pid record that appears under the control root."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in control_root.glob("*/pids/*.json"):
+            try:
+                return json.loads(record.read_text()) | {"flow_run_id": record.parts[-3]}
+            except ValueError:
+                continue
+        time.sleep(0.2)
+    raise AssertionError("no engine process started")
+
+
+def _gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_to_the_flow_kills_the_engine_tree_and_marks_the_run_crashed(tmp_path):
+    structure = tmp_path / "cluster.xyz"
+    structure.write_text(water_cluster_xyz(4))
+    script = tmp_path / "flow.py"
+    script.write_text(FLOW_SCRIPT)
+    flow_proc = subprocess.Popen(
+        [sys.executable, str(script), str(structure)],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        control_root = get_settings().resolved_work_root() / ".control"
+        record = _wait_for_engine(control_root)
+        engine = psutil.Process(record["pid"])
+        assert "xtb" in engine.name()
+        time.sleep(1)
+        flow_proc.send_signal(signal.SIGTERM)
+        flow_proc.wait(timeout=60)
+        assert _gone(record["pid"])
+        session = [p for p in psutil.process_iter() if _sid(p.pid) == record["pid"]]
+        assert session == []
+        assert (control_root / record["flow_run_id"] / "stop").exists()
+    finally:
+        if flow_proc.poll() is None:
+            flow_proc.kill()
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(record["flow_run_id"]).state
+    assert state.is_crashed()
+    from flows.store import load_run
+
+    run = load_run(get_settings().resolved_results_root(), record["flow_run_id"])
+    assert run.state == "Crashed"
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
