@@ -1,0 +1,160 @@
+"""End to end: a real `prefect server`, a process worker, `prefect deploy` and `deployment run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import REPO, WATER_XYZ, water_cluster_xyz
+
+pytestmark = pytest.mark.e2e
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Start a Prefect server and a worker on loopback; return (env, api_url, atomforge_home)."""
+    home = tmp_path_factory.mktemp("e2e")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = os.environ.copy() | {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": api,
+        "ATOMFORGE_HOME": str(home / "atomforge"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PWD": str(REPO),
+    }
+    env.pop("PREFECT_API_KEY", None)
+    logs = home / "logs"
+    logs.mkdir()
+    server_env = env | {"PREFECT_API_URL": ""}
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env,
+        cwd=home,
+        stdout=(logs / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (logs / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        _cli(env, "work-pool", "create", "atomforge-process", "--type", "process")
+        _cli(env, "--no-prompt", "deploy", "--all")
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "atomforge-process"],
+            env=env,
+            cwd=REPO,
+            stdout=(logs / "worker.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        yield env, api, Path(env["ATOMFORGE_HOME"])
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _cli(env: dict, *args: str) -> str:
+    out = subprocess.run(
+        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def _run_deployment(env: dict, name: str, **params) -> str:
+    args = ["deployment", "run", name]
+    for key, value in params.items():
+        args += ["--param", f"{key}={json.dumps(value)}"]
+    out = _cli(env, *args)
+    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+
+def _state(api: str, flow_run_id: str) -> dict:
+    return httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]
+
+
+def _wait_final(api: str, flow_run_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _state(api, flow_run_id)
+        if state and state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} did not finish: {_state(api, flow_run_id)}")
+
+
+def test_deployment_run_computes_water_on_a_worker(stack, tmp_path):
+    env, api, home = stack
+    structure = tmp_path / "water.xyz"
+    structure.write_text(WATER_XYZ)
+    flow_run_id = _run_deployment(
+        env,
+        "simulate/simulate",
+        structure={"path": str(structure)},
+        parameters={"engine": "xtb"},
+    )
+    state = _wait_final(api, flow_run_id)
+    assert state["type"] == "COMPLETED", state
+    documents = list((home / "results" / flow_run_id).glob("00000-*.json"))
+    result = json.loads(documents[0].read_text())
+    assert result["energy_hartree"] == pytest.approx(-5.070544, abs=2e-6)
+
+
+def test_cancelling_a_deployment_run_stops_its_engine(stack, tmp_path):
+    env, api, home = stack
+    structure = tmp_path / "cluster.xyz"
+    structure.write_text(water_cluster_xyz(4))
+    flow_run_id = _run_deployment(
+        env,
+        "simulate/simulate",
+        structure={"path": str(structure)},
+        parameters={"engine": "xtb"},
+    )
+    pid_dir = home / "work" / ".control" / flow_run_id / "pids"
+    deadline = time.monotonic() + 180
+    while not list(pid_dir.glob("*.json")):
+        assert time.monotonic() < deadline, _state(api, flow_run_id)
+        time.sleep(0.5)
+    pid = json.loads(next(pid_dir.glob("*.json")).read_text())["pid"]
+    assert "xtb" in psutil.Process(pid).name()
+    _cli(env, "flow-run", "cancel", flow_run_id)
+    state = _wait_final(api, flow_run_id, timeout=120)
+    assert state["type"] == "CANCELLED", state
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "xtb still running after cancellation"
+        time.sleep(0.2)
