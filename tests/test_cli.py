@@ -1,0 +1,68 @@
+"""The `atomforge` command: results on success, one-line errors and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, WATER_XYZ
+
+ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
+
+
+def _atomforge(*args: str, home: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = os.environ.copy() | {"ATOMFORGE_HOME": str(home)}
+    return subprocess.run(
+        [ATOMFORGE, *args], env=env, cwd=REPO, capture_output=True, text=True,
+        input=stdin, timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        ("", [], "structure file is empty"),
+        ("3\n\nO 0 0\n", [], "cannot read structure"),
+        ("2\n\nQq 0 0 0\nH 0 0 1\n", [], "unknown element 'Qq'"),
+        ("2\n\nH 0 0 0\nH 0 0 0.2\n", [], "overlap"),
+        (WATER_XYZ, ["--multiplicity", "2"], "multiplicity 2 is impossible"),
+        (WATER_XYZ, ["--engine", "orca"], "unknown engine 'orca'"),
+        (WATER_XYZ, ["--charge", "one"], "charge: Input should be a valid integer"),
+        (WATER_XYZ, ["--run-dir", "../../escape"], "run_dir"),
+        (WATER_XYZ, ["--option", "nonsense"], "must look like key=value"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_before_any_engine(tmp_path, content, args, message):
+    structure = tmp_path / "in.xyz"
+    structure.write_text(content)
+    home = tmp_path / "home"
+    out = _atomforge("run", str(structure), *args, home=home)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("atomforge: error:"), out.stderr
+    assert message in lines[0]
+    assert not (home / "work").exists() or not any((home / "work").iterdir())
+
+
+def test_run_screen_and_query_results(tmp_path):
+    home = tmp_path / "home"
+    out = _atomforge("run", "-", "--kind", "singlepoint", home=home, stdin=WATER_XYZ)
+    assert out.returncode == 0, out.stderr
+    assert "completed" in out.stdout and "-5.0702" in out.stdout
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "water.xyz").write_text(WATER_XYZ)
+    (folder / "h2.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0.74\n")
+    out = _atomforge("screen", str(folder), "--engine", "tblite", "--rank-by", "gap", home=home)
+    assert out.returncode == 0, out.stderr
+    assert "2 of 2 completed" in out.stdout
+    out = _atomforge("results", "--formula", "H2O", home=home)
+    assert out.returncode == 0 and out.stdout.count("H2O") == 2
+    out = _atomforge("results", "--engine", "tblite", "--json", home=home)
+    assert len(out.stdout.strip().splitlines()) == 2
+    out = _atomforge("runs", home=home)
+    assert out.stdout.count("Completed") == 2

@@ -1,0 +1,97 @@
+"""The distributed path: a separately started `dask scheduler` and `dask worker` on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from flows.models import SimulationParameters, StructureSource
+from flows.runner import dask_task_runner
+from flows.screen import screen
+from flows.settings import Settings
+from tests.conftest import REPO
+
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def scheduler_address():
+    """Start a Dask scheduler and two worker processes; return the scheduler address."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [
+        subprocess.Popen(
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+             "--dashboard-address", ":0"],
+            cwd=REPO, env=os.environ.copy(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        time.sleep(2)
+        procs.append(
+            subprocess.Popen(
+                [DASK, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                 "--name", "loopback-worker", "--no-dashboard"],
+                cwd=REPO, env=os.environ.copy(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_screen_runs_on_an_existing_dask_scheduler(scheduler_address):
+    from ase.build import molecule
+
+    from engines.structures import to_extxyz
+
+    text = "".join(to_extxyz(molecule(n)) for n in ("H2O", "NH3", "CH4", "HF"))
+    runner = dask_task_runner(Settings(dask_address=scheduler_address))
+    on_cluster = screen.with_options(task_runner=runner)
+    report = on_cluster(
+        StructureSource(text=text), SimulationParameters(engine="xtb", kind="singlepoint")
+    )
+    assert report.n_completed == 4
+    with Client(scheduler_address) as client:
+        seen = client.run_on_scheduler(
+            lambda dask_scheduler: sorted(dask_scheduler.task_prefixes)
+        )
+        worker_pids = set(client.run(os.getpid).values())
+    assert any("run_engine" in p or "run-engine" in p for p in seen), seen
+    assert os.getpid() not in worker_pids
+
+
+def test_local_cluster_is_the_default_and_hpc_clusters_are_configurable():
+    local = dask_task_runner(Settings(dask_workers=3))
+    assert local.cluster_kwargs["n_workers"] == 3 and local.address is None
+    slurm = dask_task_runner(
+        Settings(
+            dask_cluster_class="dask_jobqueue.SLURMCluster",
+            dask_cluster_kwargs={"cores": 4, "memory": "8GB"},
+            dask_adapt_max=10,
+        )
+    )
+    from prefect.utilities.importtools import from_qualified_name
+
+    assert from_qualified_name(slurm.cluster_class).__name__ == "SLURMCluster"
+    assert slurm.cluster_kwargs == {"cores": 4, "memory": "8GB"}
+    assert slurm.adapt_kwargs == {"maximum": 10}

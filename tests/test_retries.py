@@ -1,0 +1,62 @@
+"""Retries: a step killed from outside is retried with backoff; bad input never is."""
+
+from __future__ import annotations
+
+import stat
+
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import Failed
+
+from engines.errors import EngineError, InputError, RunStopped
+from flows.models import SimulationParameters, StructureSource
+from flows.simulate import simulate
+from flows.tasks import is_worth_retrying
+
+KILLED_ONCE = """#!/bin/sh
+# Real xtb, except that its first start is killed with SIGKILL, as the OOM killer would.
+if [ ! -e "{marker}" ]; then
+  touch "{marker}"
+  kill -9 $$
+fi
+exec xtb "$@"
+"""
+
+
+def _task_runs(flow_run_id: str) -> dict[str, int]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {r.name.rsplit("-", 1)[0]: r.run_count for r in runs}
+
+
+def test_engine_killed_from_outside_is_retried_and_then_succeeds(tmp_path, monkeypatch, water_file):
+    wrapper = tmp_path / "xtb-killed-once"
+    wrapper.write_text(KILLED_ONCE.format(marker=tmp_path / "killed"))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("ATOMFORGE_XTB_COMMAND", str(wrapper))
+    result = simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+    assert (tmp_path / "killed").exists()
+    assert result.status == "completed"
+    assert _task_runs(result.flow_run_id)["run-engine"] == 2
+
+
+def test_bad_input_is_not_retried(tmp_path):
+    empty = tmp_path / "empty.xyz"
+    empty.write_text("")
+    state = simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+    assert state.is_failed()
+    assert _task_runs(str(state.state_details.flow_run_id)) == {"validate": 1}
+
+
+def test_only_retryable_failures_are_worth_retrying():
+    def worth(exc: Exception) -> bool:
+        return is_worth_retrying(None, None, Failed(data=exc))
+
+    assert worth(EngineError("killed by signal 9", retryable=True))
+    assert worth(OSError("disk hiccup"))
+    assert not worth(EngineError("SCF did not converge"))
+    assert not worth(InputError("empty file"))
+    assert not worth(RunStopped("cancelled"))
+    assert not worth(ValueError("bug"))
