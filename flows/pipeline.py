@@ -37,7 +37,7 @@ from flows.tasks import (
     validate,
 )
 
-CHUNKS_PER_WORKER = 4
+CHUNKS_PER_WORKER = 2
 
 
 def chunk_size(n_structures: int, options: RunOptions, settings: Settings) -> int:

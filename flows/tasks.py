@@ -7,6 +7,7 @@ structures, so a screen pays Prefect's per-task cost per chunk, not per structur
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,12 @@ from prefect import task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
+from prefect.logging.handlers import APILogHandler
+from prefect.logging.loggers import PrefectLogAdapter
 from prefect.tasks import exponential_backoff
 
 from engines import get_engine
-from engines.base import JobStatus
+from engines.base import Engine, JobStatus
 from engines.errors import EngineError, InputError, RunStopped
 from engines.structures import (
     NamedStructure,
@@ -96,10 +99,9 @@ class RunContext:
 
 
 def validate_structure(
-    structure: NamedStructure, params: SimulationParameters, min_distance: float
+    structure: NamedStructure, params: SimulationParameters, engine: Engine, min_distance: float
 ) -> None:
-    """Raise InputError unless ``structure`` can be computed with ``params``."""
-    engine = get_engine(params.engine)
+    """Raise InputError unless ``engine`` can compute ``structure`` with ``params``."""
     check_geometry(structure.atoms, structure.name, min_distance)
     if engine.supports_charge:
         check_electrons(structure.atoms, params.charge, params.multiplicity, structure.name)
@@ -116,13 +118,14 @@ def check_inputs(
 
     With ``skip_invalid`` an invalid structure is set aside with its reason instead.
     """
-    get_engine(params.engine)
+    engine = get_engine(params.engine)
+    min_distance = get_settings().min_distance
     structures = read_structures(source.path, source.text, source.format)
     accepted: list[NamedStructure] = []
     rejected: list[tuple[NamedStructure | None, str]] = []
     for structure in structures:
         try:
-            validate_structure(structure, params, get_settings().min_distance)
+            validate_structure(structure, params, engine, min_distance)
         except InputError as exc:
             if not skip_invalid:
                 raise
@@ -169,16 +172,64 @@ def prepare_inputs(
     return jobs
 
 
+ENGINE_LOGGER = "prefect.atomforge.engine"
+
+
+def _engine_output_to_api_only() -> None:
+    """Send engine output to the Prefect API (the UI's run logs) but not to the console."""
+    logger = logging.getLogger(ENGINE_LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class OutputStreamer:
+    """Streams engine output to the run's logs in blocks: at most one record a second.
+
+    One record per output line would cost more than the engines themselves on fast
+    structures; blocks keep the output live in the Prefect UI at a fixed cost. The
+    complete output is also in each working directory's log file.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        run_logger = get_run_logger()
+        self.logger = PrefectLogAdapter(logging.getLogger(ENGINE_LOGGER), run_logger.extra)
+        self.interval = interval
+        self.lines: list[str] = []
+        self.last_flush = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        """Take one output line; send the block if the interval has passed."""
+        with self.lock:
+            self.lines.append(line)
+        if time.monotonic() - self.last_flush >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the lines collected so far as one log record."""
+        with self.lock:
+            lines, self.lines = self.lines, []
+            self.last_flush = time.monotonic()
+        if lines:
+            self.logger.info("engine output:\n%s", "\n".join(lines))
+
+
 class ProgressReporter:
     """Updates the run's progress artifact as structures finish (at most once a second)."""
 
-    def __init__(self, run: RunContext, logger: logging.LoggerAdapter) -> None:
+    def __init__(
+        self, run: RunContext, logger: logging.LoggerAdapter, output: OutputStreamer
+    ) -> None:
         self.run = run
         self.logger = logger
+        self.output = output
         self.last_update = 0.0
 
     def __call__(self, directory: Path, status: JobStatus) -> None:
         """Log how ``directory`` ended and refresh the progress artifact."""
+        self.output.flush()
         self.logger.info("%s: %s %s", directory.name, status.status, status.message)
         now = time.monotonic()
         if self.run.progress_id is None or now - self.last_update < 1.0:
@@ -199,24 +250,33 @@ def run_engine(jobs: list[Job], params: SimulationParameters, run: RunContext) -
     engine = get_engine(params.engine)
     logger.info("running %s on %d structure(s)", engine.name, len(jobs))
     run.paths.pid_dir.mkdir(parents=True, exist_ok=True)
-    engine.execute(
-        [job.directory for job in jobs],
-        params,
-        pid_dir=run.paths.pid_dir,
-        stop_file=run.paths.stop_file,
-        log=lambda line: logger.info("%s", line),
-        on_done=ProgressReporter(run, logger),
-    )
+    _engine_output_to_api_only()
+    output = OutputStreamer()
+    try:
+        engine.execute(
+            [job.directory for job in jobs],
+            params,
+            pid_dir=run.paths.pid_dir,
+            stop_file=run.paths.stop_file,
+            log=output,
+            on_done=ProgressReporter(run, logger, output),
+        )
+    finally:
+        output.flush()
     for job in jobs:
         job.status = JobStatus.read(job.directory)
     return jobs
 
 
 def make_result(
-    job: Job, params: SimulationParameters, run: RunContext, status: JobStatus
+    job: Job,
+    params: SimulationParameters,
+    run: RunContext,
+    status: JobStatus,
+    engine: Engine | None = None,
 ) -> StructureResult:
     """Return the result document of ``job`` with its inputs and how it ended (no outputs)."""
-    engine = get_engine(params.engine)
+    engine = engine or get_engine(params.engine)
     return StructureResult(
         id=f"{job.index:05d}-{job.name}",
         flow_run_id=run.flow_run_id,
@@ -245,7 +305,7 @@ def parse_results(
     results = []
     for job in jobs:
         status = job.status or JobStatus("failed", "engine never ran")
-        result = make_result(job, params, run, status)
+        result = make_result(job, params, run, status, engine)
         if status.completed:
             try:
                 out = engine.read_results(job.directory, params)

@@ -17,8 +17,13 @@ ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
 def _atomforge(*args: str, home: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = os.environ.copy() | {"ATOMFORGE_HOME": str(home)}
     return subprocess.run(
-        [ATOMFORGE, *args], env=env, cwd=REPO, capture_output=True, text=True,
-        input=stdin, timeout=300,
+        [ATOMFORGE, *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
     )
 
 

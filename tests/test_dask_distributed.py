@@ -34,20 +34,42 @@ def scheduler_address():
     address = f"tcp://127.0.0.1:{port}"
     procs = [
         subprocess.Popen(
-            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-             "--dashboard-address", ":0"],
-            cwd=REPO, env=os.environ.copy(),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                DASK,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+            ],
+            cwd=REPO,
+            env=os.environ.copy(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
     ]
     try:
         time.sleep(2)
         procs.append(
             subprocess.Popen(
-                [DASK, "worker", address, "--nworkers", "2", "--nthreads", "1",
-                 "--name", "loopback-worker", "--no-dashboard"],
-                cwd=REPO, env=os.environ.copy(),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    DASK,
+                    "worker",
+                    address,
+                    "--nworkers",
+                    "2",
+                    "--nthreads",
+                    "1",
+                    "--name",
+                    "loopback-worker",
+                    "--no-dashboard",
+                ],
+                cwd=REPO,
+                env=os.environ.copy(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
         )
         with Client(address, timeout=60) as client:
@@ -72,9 +94,7 @@ def test_screen_runs_on_an_existing_dask_scheduler(scheduler_address):
     )
     assert report.n_completed == 4
     with Client(scheduler_address) as client:
-        seen = client.run_on_scheduler(
-            lambda dask_scheduler: sorted(dask_scheduler.task_prefixes)
-        )
+        seen = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
         worker_pids = set(client.run(os.getpid).values())
     assert any("run_engine" in p or "run-engine" in p for p in seen), seen
     assert os.getpid() not in worker_pids

@@ -73,6 +73,25 @@ def test_simulate_runs_four_steps_and_stores_inputs_and_results(water_file):
     assert flow_run_id in artifacts["simulate-results"].data
 
 
+def test_engine_output_is_streamed_to_the_run_logs(water_file):
+    import time
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    result = simulate(
+        StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint")
+    )
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[result.flow_run_id]))
+    deadline = time.monotonic() + 20
+    found = False
+    while not found and time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=log_filter)
+        found = any("normal termination of xtb" in log.message for log in logs)
+        time.sleep(0.5)
+    assert found
+
+
 def test_flow_results_are_persisted_as_json_not_pickle(water_file):
     state = simulate(
         StructureSource(path=str(water_file)),

@@ -36,7 +36,9 @@ def test_engine_killed_from_outside_is_retried_and_then_succeeds(tmp_path, monke
     wrapper.write_text(KILLED_ONCE.format(marker=tmp_path / "killed"))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("ATOMFORGE_XTB_COMMAND", str(wrapper))
-    result = simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+    result = simulate(
+        StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint")
+    )
     assert (tmp_path / "killed").exists()
     assert result.status == "completed"
     assert _task_runs(result.flow_run_id)["run-engine"] == 2

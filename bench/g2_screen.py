@@ -1,0 +1,110 @@
+"""Benchmark: screen the closed-shell G2 molecules with GFN2-xTB optimization.
+
+The same work runs twice in one process: through atomforge's ``screen`` flow (embedded
+Prefect API, local Dask cluster) and through a bare ``multiprocessing.Pool`` that runs the
+same engine with the same settings. Prints both wall times, their ratio and the overhead
+per structure. Run: ``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+from ase.collections import g2
+from ase.io import read, write
+
+
+def closed_shell_g2() -> list[tuple[str, object]]:
+    """Return (name, Atoms) of the G2 molecules with an even electron count and no spin."""
+    molecules = []
+    for name in g2.names:
+        atoms = g2[name]
+        if atoms.numbers.sum() % 2 == 0 and not atoms.get_initial_magnetic_moments().any():
+            molecules.append((name, atoms))
+    return molecules
+
+
+def bare_xtb(job: tuple[str, str]) -> float:
+    """Optimize one xyz file with the xtb program in a scratch folder; return its energy (Eh)."""
+    from engines.parameters import CalculationParameters
+    from engines.xtb import XtbProfile
+
+    _, xyz = job
+    profile = XtbProfile()
+    with tempfile.TemporaryDirectory() as scratch:
+        Path(scratch, "input.xyz").write_text(xyz)
+        subprocess.run(
+            profile.argv(CalculationParameters()), cwd=scratch, env=os.environ | profile.env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+        )
+        return json.loads(Path(scratch, "xtbout.json").read_text())["total energy"]
+
+
+def bare_tblite(job: tuple[str, str]) -> float:
+    """Optimize one structure with tblite's ASE calculator and BFGS; return its energy (eV)."""
+    from io import StringIO
+
+    from ase.optimize import BFGS
+    from tblite.ase import TBLite
+
+    _, xyz = job
+    atoms = read(StringIO(xyz), format="xyz")
+    atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    BFGS(atoms, logfile=None).run(fmax=0.01, steps=500)
+    atoms.get_forces()
+    return atoms.get_potential_energy()
+
+
+def main() -> None:
+    """Run both ways and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", default="xtb", choices=["xtb", "tblite"])
+    parser.add_argument("--limit", type=int, default=None, help="only the first N molecules")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
+    os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
+
+    from engines.structures import to_extxyz
+    from flows.models import SimulationParameters, StructureSource
+    from flows.screen import screen
+    from flows.simulate import simulate
+
+    molecules = closed_shell_g2()[: args.limit]
+    folder = Path(tempfile.mkdtemp(prefix="g2-"))
+    jobs = []
+    for name, atoms in molecules:
+        write(folder / f"{name}.xyz", atoms, format="xyz")
+        jobs.append((name, (folder / f"{name}.xyz").read_text()))
+    params = SimulationParameters(engine=args.engine)
+
+    simulate(StructureSource(text=to_extxyz(g2["H2O"])), params)  # API and imports warm
+
+    started = time.perf_counter()
+    with Pool(args.workers) as pool:
+        bare = pool.map(bare_xtb if args.engine == "xtb" else bare_tblite, jobs, chunksize=1)
+    bare_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    report = screen(StructureSource(path=str(folder)), params)
+    forge_seconds = time.perf_counter() - started
+
+    n = len(molecules)
+    print(f"molecules: {n} closed-shell G2, engine {args.engine}, {args.workers} workers")
+    print(f"bare multiprocessing pool: {bare_seconds:8.2f} s ({len(bare)} done)")
+    print(f"atomforge screen:          {forge_seconds:8.2f} s "
+          f"({report.n_completed} of {report.n_structures} completed)")
+    print(f"ratio atomforge / bare:    {forge_seconds / bare_seconds:8.2f}")
+    print(f"overhead per structure:    {(forge_seconds - bare_seconds) / n * 1000:8.1f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
