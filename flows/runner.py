@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prefect_dask import DaskTaskRunner
 
@@ -38,3 +39,16 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
         },
         adapt_kwargs=adapt,
     )
+
+
+def simulation_flow_options() -> dict[str, Any]:
+    """Return the options every atomforge flow shares: Dask runner, stop hooks, JSON results."""
+    from flows.hooks import stop_engines
+
+    return {
+        "task_runner": dask_task_runner(),
+        "on_cancellation": [stop_engines],
+        "on_crashed": [stop_engines],
+        "persist_result": True,
+        "result_serializer": "json",
+    }

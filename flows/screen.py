@@ -7,7 +7,6 @@ from typing import Literal
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.hooks import stop_engines
 from flows.models import (
     DEFAULT_OPTIONS,
     DEFAULT_PARAMETERS,
@@ -17,7 +16,7 @@ from flows.models import (
     StructureSource,
 )
 from flows.pipeline import run_structures
-from flows.runner import dask_task_runner
+from flows.runner import simulation_flow_options
 
 RankKey = Literal["energy_per_atom", "energy", "gap"]
 
@@ -43,14 +42,7 @@ def rank(results: list[StructureResult], rank_by: RankKey) -> list[StructureResu
     return done + [r for r in results if not r.ok]
 
 
-@flow(
-    name="screen",
-    task_runner=dask_task_runner(),
-    on_cancellation=[stop_engines],
-    on_crashed=[stop_engines],
-    persist_result=True,
-    result_serializer="json",
-)
+@flow(name="screen", **simulation_flow_options())
 def screen(
     source: StructureSource,
     parameters: SimulationParameters = DEFAULT_PARAMETERS,

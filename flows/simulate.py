@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import flow
 
 from engines.errors import EngineError, InputError
-from flows.hooks import stop_engines
 from flows.models import (
     DEFAULT_OPTIONS,
     DEFAULT_PARAMETERS,
@@ -15,17 +14,10 @@ from flows.models import (
     StructureSource,
 )
 from flows.pipeline import run_structures
-from flows.runner import dask_task_runner
+from flows.runner import simulation_flow_options
 
 
-@flow(
-    name="simulate",
-    task_runner=dask_task_runner(),
-    on_cancellation=[stop_engines],
-    on_crashed=[stop_engines],
-    persist_result=True,
-    result_serializer="json",
-)
+@flow(name="simulate", **simulation_flow_options())
 def simulate(
     structure: StructureSource,
     parameters: SimulationParameters = DEFAULT_PARAMETERS,
