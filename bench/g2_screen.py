@@ -42,8 +42,12 @@ def bare_xtb(job: tuple[str, str]) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         Path(scratch, "input.xyz").write_text(xyz)
         subprocess.run(
-            profile.argv(CalculationParameters()), cwd=scratch, env=os.environ | profile.env(),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+            profile.argv(CalculationParameters()),
+            cwd=scratch,
+            env=os.environ | profile.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
         )
         return json.loads(Path(scratch, "xtbout.json").read_text())["total energy"]
 
@@ -100,8 +104,10 @@ def main() -> None:
     n = len(molecules)
     print(f"molecules: {n} closed-shell G2, engine {args.engine}, {args.workers} workers")
     print(f"bare multiprocessing pool: {bare_seconds:8.2f} s ({len(bare)} done)")
-    print(f"atomforge screen:          {forge_seconds:8.2f} s "
-          f"({report.n_completed} of {report.n_structures} completed)")
+    print(
+        f"atomforge screen:          {forge_seconds:8.2f} s "
+        f"({report.n_completed} of {report.n_structures} completed)"
+    )
     print(f"ratio atomforge / bare:    {forge_seconds / bare_seconds:8.2f}")
     print(f"overhead per structure:    {(forge_seconds - bare_seconds) / n * 1000:8.1f} ms")
 

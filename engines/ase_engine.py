@@ -87,12 +87,12 @@ class AseEngine(Engine):
         except OSError as exc:
             raise EngineError(f"{self.name}: cannot start runner: {exc}", retryable=True) from None
         statuses = [JobStatus.read(d) for d in pending]
-        for directory, status in zip(pending, statuses):
+        for i, (directory, status) in enumerate(zip(pending, statuses)):
             if status is None:
-                status = _unfinished_status(outcome)
-                status.write(directory)
-                on_done(directory, status)
-        raise_for_crashes([JobStatus.read(d) for d in pending], self.name)
+                statuses[i] = _unfinished_status(outcome)
+                statuses[i].write(directory)
+                on_done(directory, statuses[i])
+        raise_for_crashes(statuses, self.name)
 
     def read_results(self, directory: Path, params: CalculationParameters) -> EngineResults:
         """Return the results the runner stored in ``final.extxyz`` and ``results.json``."""

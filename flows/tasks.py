@@ -83,7 +83,7 @@ class ValidatedInput:
     """Structures that passed validation, and those rejected (when asked to skip them)."""
 
     structures: list[NamedStructure]
-    rejected: list[tuple[NamedStructure | None, str]] = field(default_factory=list)
+    rejected: list[tuple[NamedStructure, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def check_inputs(
     min_distance = get_settings().min_distance
     structures = read_structures(source.path, source.text, source.format)
     accepted: list[NamedStructure] = []
-    rejected: list[tuple[NamedStructure | None, str]] = []
+    rejected: list[tuple[NamedStructure, str]] = []
     for structure in structures:
         try:
             validate_structure(structure, params, engine, min_distance)
