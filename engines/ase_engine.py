@@ -18,10 +18,10 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.io import read, write
 
-from engines.base import Engine, EngineResults, JobStatus, LineSink, raise_for_crashes
+from engines.base import Engine, EngineResults, JobStatus, OutputSink, raise_for_crashes
 from engines.errors import EngineError, RunStopped
 from engines.parameters import CalculationParameters
-from engines.process import run_process
+from engines.process import LineSplitter, run_process
 
 INPUT_FILE = "input.extxyz"
 JOB_FILE = "job.json"
@@ -56,7 +56,7 @@ class AseEngine(Engine):
         *,
         pid_dir: Path,
         stop_file: Path,
-        log: LineSink,
+        log: OutputSink,
         on_done: Callable[[Path, JobStatus], None],
     ) -> None:
         """Run every directory not yet completed in one runner process."""
@@ -66,12 +66,14 @@ class AseEngine(Engine):
         if stop_file.exists():
             raise RunStopped(f"{self.name}: run was stopped")
 
-        def sink(line: str) -> None:
+        def on_line(line: str) -> None:
             if line.startswith(DONE_MARKER):
                 done = Path(line[len(DONE_MARKER) :])
                 on_done(done, JobStatus.read(done) or JobStatus("failed", "no status written"))
             else:
-                log(line)
+                log(line + "\n")
+
+        lines = LineSplitter(on_line)
 
         argv = [sys.executable, "-u", "-m", "engines.ase_runner", *map(str, pending)]
         try:
@@ -81,11 +83,12 @@ class AseEngine(Engine):
                 timeout=RUNNER_START_SECONDS + params.timeout_seconds * len(pending),
                 pid_dir=pid_dir,
                 stop_file=stop_file,
-                log=sink,
+                log=lines,
                 log_name=f"{pending[0].name}.runner.log",
             )
         except OSError as exc:
             raise EngineError(f"{self.name}: cannot start runner: {exc}", retryable=True) from None
+        lines.close()
         statuses = [JobStatus.read(d) for d in pending]
         for i, (directory, status) in enumerate(zip(pending, statuses)):
             if status is None:

@@ -22,7 +22,8 @@ from engines.parameters import CalculationKind, CalculationParameters
 from engines.process import ProcessOutcome
 
 STATUS_FILE = "status.json"
-LineSink = Callable[[str], None]
+OutputSink = Callable[[str], None]
+"""Takes engine output text as it arrives: blocks of any size, not necessarily whole lines."""
 
 
 @dataclass
@@ -114,13 +115,14 @@ class Engine(ABC):
         *,
         pid_dir: Path,
         stop_file: Path,
-        log: LineSink,
+        log: OutputSink,
         on_done: Callable[[Path, JobStatus], None],
     ) -> None:
         """Run the engine in each prepared directory, writing a :class:`JobStatus` into each.
 
         Engine processes record themselves in ``pid_dir`` and stop when ``stop_file`` appears.
-        ``on_done`` is called after each directory finishes.
+        Their output goes to ``log`` as it arrives; ``on_done`` is called after each
+        directory finishes.
         """
 
     @abstractmethod

@@ -7,6 +7,7 @@ a stop file so that a stop also works where that hook cannot reach the host.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -117,12 +118,42 @@ def _record(proc: subprocess.Popen, argv: Sequence[str], pid_dir: Path) -> Path:
     return path
 
 
+READ_BYTES = 65536
+
+
 def _pump(stream, log_path: Path, sink: Callable[[str], None]) -> None:
-    """Copy each output line of a process into ``log_path`` and hand it to ``sink``."""
-    with log_path.open("a") as log_file:
-        for line in stream:
-            log_file.write(line)
-            sink(line.rstrip("\n"))
+    """Copy a process's output into ``log_path`` and hand it to ``sink`` as decoded text.
+
+    Output is read in blocks as it arrives, not line by line, so chatty engines (xtb
+    writes hundreds of lines per structure) cost a few reads per run, not a call per line.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with log_path.open("ab") as log_file:
+        while block := stream.read(READ_BYTES):
+            log_file.write(block)
+            sink(decoder.decode(block))
+        if tail := decoder.decode(b"", final=True):
+            sink(tail)
+
+
+class LineSplitter:
+    """Turns output text that arrives in arbitrary blocks into whole lines for ``on_line``."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.partial = ""
+
+    def __call__(self, text: str) -> None:
+        """Take a block of output; pass on every line it completes (without the newline)."""
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            self.on_line(line)
+
+    def close(self) -> None:
+        """Pass on a last line that had no newline."""
+        if self.partial:
+            self.on_line(self.partial)
+            self.partial = ""
 
 
 def _wait_briefly(proc: subprocess.Popen, pump: threading.Thread) -> bool:
@@ -154,7 +185,7 @@ def run_process(
 ) -> ProcessOutcome:
     """Run ``argv`` in ``cwd`` in a new session and return how it ended.
 
-    Output (stdout and stderr) goes line by line to ``log`` and to ``cwd/log_name``. Past
+    Output (stdout and stderr) goes to ``log`` as text blocks and to ``cwd/log_name``. Past
     ``timeout`` seconds, or once ``stop_file`` exists, the whole process tree is killed.
     """
     started = time.monotonic()
@@ -164,9 +195,7 @@ def run_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        text=True,
-        errors="replace",
-        bufsize=1,
+        bufsize=0,
         start_new_session=True,
         env={**os.environ, **(env or {})},
     )

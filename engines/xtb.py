@@ -23,7 +23,7 @@ from engines.base import (
     Engine,
     EngineResults,
     JobStatus,
-    LineSink,
+    OutputSink,
     raise_for_crashes,
     status_from_exit,
 )
@@ -135,7 +135,7 @@ class XtbEngine(Engine):
         *,
         pid_dir: Path,
         stop_file: Path,
-        log: LineSink,
+        log: OutputSink,
         on_done: Callable[[Path, JobStatus], None],
     ) -> None:
         """Run one xtb process per directory, skipping directories that already completed."""
