@@ -3,12 +3,14 @@
 The same work runs twice in one process: through atomforge's ``screen`` flow (embedded
 Prefect API, local Dask cluster) and through a bare ``multiprocessing.Pool`` that runs the
 same engine with the same settings. Prints both wall times, their ratio and the overhead
-per structure. Run: ``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N]``.
+per structure, as medians over ``--repeat`` alternating rounds. Run:
+``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N] [--repeat R]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +19,7 @@ import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
+from statistics import median
 
 from ase.collections import g2
 from ase.io import read, write
@@ -68,11 +71,12 @@ def bare_tblite(job: tuple[str, str]) -> float:
 
 
 def main() -> None:
-    """Run both ways and print the figures."""
+    """Run both ways ``--repeat`` times, alternating, and print the median figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="xtb", choices=["xtb", "tblite"])
     parser.add_argument("--limit", type=int, default=None, help="only the first N molecules")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
     args = parser.parse_args()
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
@@ -89,23 +93,31 @@ def main() -> None:
         write(folder / f"{name}.xyz", atoms, format="xyz")
         jobs.append((name, (folder / f"{name}.xyz").read_text()))
     params = SimulationParameters(engine=args.engine)
+    bare_job = bare_xtb if args.engine == "xtb" else bare_tblite
 
-    simulate(StructureSource(text=to_extxyz(g2["H2O"])), params)  # API and imports warm
+    asyncio.run(simulate(StructureSource(text=to_extxyz(g2["H2O"])), params))  # warm-up
 
-    started = time.perf_counter()
-    with Pool(args.workers) as pool:
-        bare = pool.map(bare_xtb if args.engine == "xtb" else bare_tblite, jobs, chunksize=1)
-    bare_seconds = time.perf_counter() - started
+    bare_times, forge_times = [], []
+    for _ in range(args.repeat):
+        started = time.perf_counter()
+        with Pool(args.workers) as pool:
+            bare = pool.map(bare_job, jobs, chunksize=1)
+        bare_times.append(time.perf_counter() - started)
 
-    started = time.perf_counter()
-    report = screen(StructureSource(path=str(folder)), params)
-    forge_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        report = asyncio.run(screen(StructureSource(path=str(folder)), params))
+        forge_times.append(time.perf_counter() - started)
 
     n = len(molecules)
+    bare_seconds, forge_seconds = median(bare_times), median(forge_times)
     print(f"molecules: {n} closed-shell G2, engine {args.engine}, {args.workers} workers")
-    print(f"bare multiprocessing pool: {bare_seconds:8.2f} s ({len(bare)} done)")
+    print(f"median of {args.repeat} rounds (min in brackets)")
     print(
-        f"atomforge screen:          {forge_seconds:8.2f} s "
+        f"bare multiprocessing pool: {bare_seconds:8.2f} s [{min(bare_times):.2f}] "
+        f"({len(bare)} done)"
+    )
+    print(
+        f"atomforge screen:          {forge_seconds:8.2f} s [{min(forge_times):.2f}] "
         f"({report.n_completed} of {report.n_structures} completed)"
     )
     print(f"ratio atomforge / bare:    {forge_seconds / bare_seconds:8.2f}")

@@ -6,11 +6,11 @@ from pathlib import Path
 from uuid import UUID
 
 from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
+    acreate_link_artifact,
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
 )
 
 from flows.models import StructureResult
@@ -64,12 +64,12 @@ def markdown_summary(title: str, results: list[StructureResult], results_dir: Pa
     return "\n".join(lines)
 
 
-def start_progress(key: str, description: str) -> UUID:
+async def start_progress(key: str, description: str) -> UUID:
     """Create the run's progress artifact at 0 % and return its id."""
-    return create_progress_artifact(0.0, key=key, description=description)
+    return await acreate_progress_artifact(0.0, key=key, description=description)
 
 
-def publish(
+async def publish(
     key: str,
     title: str,
     results: list[StructureResult],
@@ -78,14 +78,16 @@ def publish(
 ) -> None:
     """Publish the table, the markdown summary and links to the run's files."""
     if progress_id is not None:
-        update_progress_artifact(progress_id, 100.0)
-    create_table_artifact(result_rows(results), key=f"{key}-table", description=title)
-    create_markdown_artifact(
+        await aupdate_progress_artifact(progress_id, 100.0)
+    await acreate_table_artifact(result_rows(results), key=f"{key}-table", description=title)
+    await acreate_markdown_artifact(
         markdown_summary(title, results, results_dir), key=f"{key}-summary", description=title
     )
-    create_link_artifact(
+    await acreate_link_artifact(
         results_dir.as_uri(), link_text="result documents (JSON)", key=f"{key}-results"
     )
     workdirs = {Path(r.workdir).parent for r in results if r.workdir}
     for workdir in sorted(workdirs)[:1]:
-        create_link_artifact(workdir.as_uri(), link_text="working directories", key=f"{key}-files")
+        await acreate_link_artifact(
+            workdir.as_uri(), link_text="working directories", key=f"{key}-files"
+        )

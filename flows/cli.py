@@ -7,6 +7,7 @@ An engine failure exits with 1.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -129,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     source, params, options = _prepare(args)
     from flows.simulate import simulate
 
-    state = simulate(source, params, options, return_state=True)
+    state = asyncio.run(simulate(source, params, options, return_state=True))
     results = query_results(
         get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
     )
@@ -146,7 +147,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     source, params, options = _prepare(args, args.skip_invalid)
     from flows.screen import screen
 
-    state = screen(source, params, options, args.rank_by, return_state=True)
+    state = asyncio.run(screen(source, params, options, args.rank_by, return_state=True))
     if not state.is_completed():
         print(f"atomforge: error: {state.message}", file=sys.stderr)
         return EXIT_ENGINE_FAILED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from ase.build import molecule
@@ -29,12 +30,14 @@ def run_demo() -> int:
     from flows.simulate import simulate
 
     water = StructureSource(text=to_extxyz(molecule("H2O")))
-    result = simulate(water, SimulationParameters(engine="xtb"), RunOptions())
+    result = asyncio.run(simulate(water, SimulationParameters(engine="xtb"), RunOptions()))
     print("\n== water, GFN2-xTB optimization (xtb)")
     print_results([result])
     print("   reference: -5.070544 Eh, gap 14.386 eV (xtb 6.5.1 / tblite 0.8.0)")
     folder = write_demo_set(get_settings().resolved_work_root() / "demo-molecules")
-    report = screen(StructureSource(path=str(folder)), SimulationParameters(engine="xtb"))
+    report = asyncio.run(
+        screen(StructureSource(path=str(folder)), SimulationParameters(engine="xtb"))
+    )
     print(f"\n== screening of {len(DEMO_MOLECULES)} molecules, ranked by {report.rank_by}")
     print_results(report.results)
     print(f"\nresults stored under {get_settings().resolved_results_root()}")

@@ -48,7 +48,9 @@ class RunOptions(BaseModel):
         "(default: the flow run id). Must stay inside the work root.",
     )
     chunk_size: int | None = Field(
-        None, ge=1, description="Structures per Dask task (default: spread over the workers)."
+        None,
+        ge=1,
+        description="About this many structures per Dask task (default: one chunk per worker).",
     )
     skip_invalid: bool = Field(
         False, description="Screen: report invalid structures and go on instead of failing."

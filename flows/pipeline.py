@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,8 +13,8 @@ from prefect.logging import get_run_logger
 
 from engines.base import JobStatus
 from engines.errors import AtomforgeError
-from engines.structures import NamedStructure
 from flows import artifacts
+from flows.chunking import balanced_chunks, estimated_cost, n_chunks
 from flows.hooks import stop_run_engines
 from flows.models import (
     RunOptions,
@@ -25,43 +24,30 @@ from flows.models import (
     StructureSource,
 )
 from flows.paths import run_paths
-from flows.settings import KeepWorkdir, Settings, get_settings
+from flows.runner import parallel_slots
+from flows.settings import KeepWorkdir, get_settings
 from flows.store import save_result, save_run
 from flows.tasks import (
     Job,
     RunContext,
     make_result,
     parse_results,
+    plan_jobs,
     prepare_inputs,
     run_engine,
     validate,
 )
 
-CHUNKS_PER_WORKER = 2
-
-
-def chunk_size(n_structures: int, options: RunOptions, settings: Settings) -> int:
-    """Return how many structures one task handles: a few chunks per worker by default."""
-    size = options.chunk_size or settings.chunk_size
-    if size:
-        return size
-    return max(1, math.ceil(n_structures / (CHUNKS_PER_WORKER * settings.dask_workers)))
-
 
 def _unrun_results(
-    structures: list[NamedStructure],
-    first_index: int,
-    params: SimulationParameters,
-    run: RunContext,
-    status: JobStatus,
+    jobs: list[Job], params: SimulationParameters, run: RunContext, status: JobStatus
 ) -> list[StructureResult]:
-    """Return (and store) results for structures whose chunk never produced any."""
+    """Return (and store) results for jobs whose chunk never produced any."""
     results = []
-    for offset, structure in enumerate(structures):
-        index = first_index + offset
-        job = Job(index, structure.name, structure.atoms, run.paths.work_dir / f"{index:05d}")
+    for job in jobs:
         result = make_result(job, params, run, JobStatus.read(job.directory) or status)
-        result.workdir = None
+        if not job.directory.exists():
+            result.workdir = None
         save_result(run.results_root, result)
         results.append(result)
     return results
@@ -87,19 +73,23 @@ class RunOutcome:
     results_dir: Path
     progress_id: UUID | None
 
-    def publish(self, key: str, title: str, ranked: list[StructureResult] | None = None) -> None:
+    async def publish(
+        self, key: str, title: str, ranked: list[StructureResult] | None = None
+    ) -> None:
         """Publish the run's table, summary and links (``ranked`` orders the table)."""
         rows = self.results if ranked is None else ranked
-        artifacts.publish(key, title, rows, self.results_dir, self.progress_id)
+        await artifacts.publish(key, title, rows, self.results_dir, self.progress_id)
 
 
-def run_structures(
+async def run_structures(
     source: StructureSource, params: SimulationParameters, options: RunOptions, title: str
 ) -> RunOutcome:
     """Run every structure of ``source`` through the four steps and return the outcome.
 
-    Must be called inside a flow. Each structure's result and a run summary are stored as
-    JSON as soon as they are known; a failed chunk yields ``failed`` results, not a crash.
+    Must be awaited inside a flow. The structures are split into one chunk per Dask worker
+    thread, balanced by estimated cost, and each chunk goes prepare -> run -> parse. Each
+    structure's result and a run summary are stored as JSON as soon as they are known; a
+    failed chunk yields ``failed`` results, not a crash.
     """
     settings = get_settings()
     context = FlowRunContext.get()
@@ -121,31 +111,38 @@ def run_structures(
     progress_id = None
     try:
         validated = validate(source, params, options.skip_invalid)
-        structures = validated.structures
-        progress_id = artifacts.start_progress(f"{flow_name}-progress", title)
-        run = RunContext(
-            flow_run_id, flow_name, paths, results_root, progress_id, total=len(structures)
+        jobs = plan_jobs(validated.structures, 0, paths)
+        progress_id = await artifacts.start_progress(f"{flow_name}-progress", title)
+        run = RunContext(flow_run_id, flow_name, paths, results_root, progress_id, len(jobs))
+        slots = parallel_slots(context.task_runner, settings)
+        chunks = balanced_chunks(
+            jobs,
+            [estimated_cost(job.atoms) for job in jobs],
+            n_chunks(len(jobs), slots, options.chunk_size or settings.chunk_size),
         )
-        size = chunk_size(len(structures), options, settings)
         get_run_logger().info(
-            "%d structure(s) in chunks of %d; work dir %s", len(structures), size, paths.work_dir
+            "%d structure(s) in %d chunk(s) over %d worker thread(s); work dir %s",
+            len(jobs),
+            len(chunks),
+            slots,
+            paths.work_dir,
         )
-        chunks = []
-        for start in range(0, len(structures), size):
-            part = structures[start : start + size]
-            prepared = prepare_inputs.submit(part, start, params, run)
+        futures = []
+        for chunk in chunks:
+            prepared = prepare_inputs.submit(chunk, params)
             ran = run_engine.submit(prepared, params, run)
-            chunks.append((start, part, parse_results.submit(ran, params, run)))
+            futures.append((chunk, parse_results.submit(ran, params, run)))
         results: list[StructureResult] = []
-        for start, part, future in chunks:
+        for chunk, future in futures:
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
                 failed = JobStatus("failed", f"{type(outcome).__name__}: {outcome}")
-                outcome = _unrun_results(part, start, params, run, failed)
+                outcome = _unrun_results(chunk, params, run, failed)
             results.extend(outcome)
-        for structure, message in validated.rejected:
-            invalid = JobStatus("invalid", message)
-            results.extend(_unrun_results([structure], len(results), params, run, invalid))
+        results.sort(key=lambda result: result.index)
+        rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
+        for job, (_, message) in zip(rejected, validated.rejected):
+            results.extend(_unrun_results([job], params, run, JobStatus("invalid", message)))
         _clean_workdirs(results, paths.work_dir, settings.keep_workdir)
         for result in results:
             save_result(results_root, result)

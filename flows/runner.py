@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import dask
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from flows.settings import Settings, get_settings
@@ -29,6 +31,7 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
             cluster_kwargs=settings.dask_cluster_kwargs,
             adapt_kwargs=adapt,
         )
+    dask.config.set({"distributed.worker.profile.enabled": settings.dask_profile})
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": settings.dask_workers,
@@ -39,6 +42,21 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
         },
         adapt_kwargs=adapt,
     )
+
+
+def parallel_slots(task_runner: TaskRunner | None, settings: Settings) -> int:
+    """Return how many tasks can run at once: Dask worker threads, or the configured count.
+
+    An adaptive cluster counts its maximum size; a cluster with no workers yet (an HPC
+    queue still pending) counts ``ATOMFORGE_DASK_WORKERS``.
+    """
+    if settings.dask_adapt_max:
+        return settings.dask_adapt_max
+    if isinstance(task_runner, DaskTaskRunner):
+        threads = sum(task_runner.client.nthreads().values())
+        if threads:
+            return threads
+    return settings.dask_workers
 
 
 def simulation_flow_options() -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""The ``screen`` flow: many structures through the same four steps, ranked at the end."""
+"""The ``screen`` flow: many structures through the same four steps, ranked at the end.
+
+``async`` for the reason given in :mod:`flows.simulate`: ``asyncio.run(screen(...))``.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def rank(results: list[StructureResult], rank_by: RankKey) -> list[StructureResu
 
 
 @flow(name="screen", **simulation_flow_options())
-def screen(
+async def screen(
     source: StructureSource,
     parameters: SimulationParameters = DEFAULT_PARAMETERS,
     options: RunOptions = DEFAULT_OPTIONS,
@@ -51,9 +54,9 @@ def screen(
 ) -> ScreenReport:
     """Compute every structure of ``source`` and return them ranked by ``rank_by``."""
     title = f"screen: {parameters.engine} {parameters.kind.value}, ranked by {rank_by}"
-    outcome = run_structures(source, parameters, options, title)
+    outcome = await run_structures(source, parameters, options, title)
     ranked = rank(outcome.results, rank_by)
-    outcome.publish("screen", title, ranked)
+    await outcome.publish("screen", title, ranked)
     return ScreenReport(
         flow_run_id=ranked[0].flow_run_id if ranked else "",
         rank_by=rank_by,

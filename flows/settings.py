@@ -52,8 +52,16 @@ class Settings(BaseSettings):
         description="Local cluster workers as processes (engines always run as their own "
         "processes, so threads are enough and start faster).",
     )
+    dask_profile: bool = Field(
+        False,
+        description="Run Dask's statistical profiler in local workers (it samples every "
+        "worker thread every 10 ms, CPU the engines would otherwise have).",
+    )
     chunk_size: int | None = Field(
-        None, ge=1, description="Structures per task in a screen; default spreads over workers."
+        None,
+        ge=1,
+        description="About this many structures per task in a screen; default: one chunk "
+        "per Dask worker thread.",
     )
     retries: int = Field(3, ge=0, description="Retries of a step that failed for a passing reason.")
     retry_backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubles.")

@@ -1,4 +1,10 @@
-"""The ``simulate`` flow: one structure through validate -> prepare -> run -> parse."""
+"""The ``simulate`` flow: one structure through validate -> prepare -> run -> parse.
+
+Like every atomforge flow it is ``async``: run it with ``asyncio.run(simulate(...))``, or
+``await`` it. Prefect's sync flow engine joins its heartbeat thread when a run ends, which
+sleeps in one-second steps, so every sync flow run lasts at least a second; the async
+engine does not wait for it.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +24,17 @@ from flows.runner import simulation_flow_options
 
 
 @flow(name="simulate", **simulation_flow_options())
-def simulate(
+async def simulate(
     structure: StructureSource,
     parameters: SimulationParameters = DEFAULT_PARAMETERS,
     options: RunOptions = DEFAULT_OPTIONS,
 ) -> StructureResult:
     """Compute one structure; return its result document (the flow fails if it did not finish)."""
     title = f"{parameters.engine} {parameters.kind.value}"
-    outcome = run_structures(structure, parameters, options, title)
+    outcome = await run_structures(structure, parameters, options, title)
     if len(outcome.results) != 1:
         raise InputError(f"simulate takes one structure, got {len(outcome.results)}: use screen")
-    outcome.publish("simulate", title)
+    await outcome.publish("simulate", title)
     result = outcome.results[0]
     if not result.ok:
         raise EngineError(f"{result.name}: {result.status}: {result.message}")

@@ -152,23 +152,22 @@ def validate(
     return validated
 
 
+def plan_jobs(structures: list[NamedStructure], first_index: int, paths: RunPaths) -> list[Job]:
+    """Return one job per structure, numbered from ``first_index``, each with its directory."""
+    return [
+        Job(index, s.name, s.atoms, paths.work_dir / f"{index:05d}-{s.name}")
+        for index, s in enumerate(structures, start=first_index)
+    ]
+
+
 @task(name="prepare-inputs", **RETRYING)
-def prepare_inputs(
-    structures: list[NamedStructure],
-    first_index: int,
-    params: SimulationParameters,
-    run: RunContext,
-) -> list[Job]:
-    """Return jobs whose working directories hold the engine's input files."""
+def prepare_inputs(jobs: list[Job], params: SimulationParameters) -> list[Job]:
+    """Return ``jobs`` once their working directories hold the engine's input files."""
     engine = get_engine(params.engine)
-    jobs = []
-    for offset, structure in enumerate(structures):
-        index = first_index + offset
-        directory = run.paths.work_dir / f"{index:05d}-{structure.name}"
-        directory.mkdir(parents=True, exist_ok=True)
-        write(directory / "structure.extxyz", structure.atoms, format="extxyz")
-        engine.write_inputs(structure.atoms, params, directory)
-        jobs.append(Job(index, structure.name, structure.atoms, directory))
+    for job in jobs:
+        job.directory.mkdir(parents=True, exist_ok=True)
+        write(job.directory / "structure.extxyz", job.atoms, format="extxyz")
+        engine.write_inputs(job.atoms, params, job.directory)
     return jobs
 
 
@@ -188,32 +187,36 @@ class OutputStreamer:
     """Streams engine output to the run's logs in blocks: at most one record a second.
 
     One record per output line would cost more than the engines themselves on fast
-    structures; blocks keep the output live in the Prefect UI at a fixed cost. The
-    complete output is also in each working directory's log file.
+    structures; blocks keep the output live in the Prefect UI at a fixed cost. A block
+    larger than Prefect accepts in one record is sent in pieces. The complete output is
+    also in each working directory's log file.
     """
+
+    MAX_RECORD_CHARS = 200_000
 
     def __init__(self, interval: float = 1.0) -> None:
         run_logger = get_run_logger()
         self.logger = PrefectLogAdapter(logging.getLogger(ENGINE_LOGGER), run_logger.extra)
         self.interval = interval
-        self.lines: list[str] = []
+        self.parts: list[str] = []
         self.last_flush = time.monotonic()
         self.lock = threading.Lock()
 
-    def __call__(self, line: str) -> None:
-        """Take one output line; send the block if the interval has passed."""
+    def __call__(self, text: str) -> None:
+        """Take a block of output; send what has gathered if the interval has passed."""
         with self.lock:
-            self.lines.append(line)
+            self.parts.append(text)
         if time.monotonic() - self.last_flush >= self.interval:
             self.flush()
 
     def flush(self) -> None:
-        """Send the lines collected so far as one log record."""
+        """Send the output gathered so far."""
         with self.lock:
-            lines, self.lines = self.lines, []
+            text, self.parts = "".join(self.parts), []
             self.last_flush = time.monotonic()
-        if lines:
-            self.logger.info("engine output:\n%s", "\n".join(lines))
+        text = text.rstrip("\n")
+        for start in range(0, len(text), self.MAX_RECORD_CHARS):
+            self.logger.info("engine output:\n%s", text[start : start + self.MAX_RECORD_CHARS])
 
 
 class ProgressReporter:

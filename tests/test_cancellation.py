@@ -16,12 +16,13 @@ from flows.settings import get_settings
 from tests.conftest import REPO, water_cluster_xyz
 
 FLOW_SCRIPT = """
+import asyncio
 import sys
 from flows.models import SimulationParameters, StructureSource
 from flows.simulate import simulate
 
 if __name__ == "__main__":
-    simulate(StructureSource(path=sys.argv[1]), SimulationParameters(engine="xtb"))
+    asyncio.run(simulate(StructureSource(path=sys.argv[1]), SimulationParameters(engine="xtb")))
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -89,8 +90,10 @@ def test_screen_runs_on_an_existing_dask_scheduler(scheduler_address):
     text = "".join(to_extxyz(molecule(n)) for n in ("H2O", "NH3", "CH4", "HF"))
     runner = dask_task_runner(Settings(dask_address=scheduler_address))
     on_cluster = screen.with_options(task_runner=runner)
-    report = on_cluster(
-        StructureSource(text=text), SimulationParameters(engine="xtb", kind="singlepoint")
+    report = asyncio.run(
+        on_cluster(
+            StructureSource(text=text), SimulationParameters(engine="xtb", kind="singlepoint")
+        )
     )
     assert report.n_completed == 4
     with Client(scheduler_address) as client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -40,8 +41,8 @@ def _task_names(flow_run_id: str) -> list[str]:
 
 
 def test_simulate_runs_four_steps_and_stores_inputs_and_results(water_file):
-    state = simulate(
-        StructureSource(path=str(water_file)), SimulationParameters(), return_state=True
+    state = asyncio.run(
+        simulate(StructureSource(path=str(water_file)), SimulationParameters(), return_state=True)
     )
     assert state.is_completed()
     result = state.result()
@@ -78,8 +79,8 @@ def test_engine_output_is_streamed_to_the_run_logs(water_file):
 
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    result = simulate(
-        StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint")
+    result = asyncio.run(
+        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
     )
     log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[result.flow_run_id]))
     deadline = time.monotonic() + 20
@@ -93,10 +94,12 @@ def test_engine_output_is_streamed_to_the_run_logs(water_file):
 
 
 def test_flow_results_are_persisted_as_json_not_pickle(water_file):
-    state = simulate(
-        StructureSource(path=str(water_file)),
-        SimulationParameters(kind="singlepoint"),
-        return_state=True,
+    state = asyncio.run(
+        simulate(
+            StructureSource(path=str(water_file)),
+            SimulationParameters(kind="singlepoint"),
+            return_state=True,
+        )
     )
     metadata = state.data.metadata
     assert metadata.serializer.type == "json"
@@ -109,11 +112,13 @@ def test_screen_ranks_a_folder_and_reports_invalid_structures(tmp_path):
     for name in ("H2O", "CH4", "NH3", "CO"):
         write(tmp_path / f"{name}.xyz", molecule(name), format="xyz")
     (tmp_path / "broken.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0.05\n")
-    report = screen(
-        StructureSource(path=str(tmp_path)),
-        SimulationParameters(engine="xtb", kind="singlepoint"),
-        RunOptions(skip_invalid=True, chunk_size=2),
-        rank_by="gap",
+    report = asyncio.run(
+        screen(
+            StructureSource(path=str(tmp_path)),
+            SimulationParameters(engine="xtb", kind="singlepoint"),
+            RunOptions(skip_invalid=True, chunk_size=2),
+            rank_by="gap",
+        )
     )
     assert report.n_structures == 5 and report.n_completed == 4
     gaps = [r.gap_eV for r in report.results[:4]]
@@ -128,9 +133,11 @@ def test_screen_reads_a_multi_frame_extxyz_with_tblite(tmp_path):
     for atoms, name in zip(frames, ("water", "hydrogen", "methane")):
         atoms.info["name"] = name
     write(tmp_path / "set.extxyz", frames, format="extxyz")
-    report = screen(
-        StructureSource(path=str(tmp_path / "set.extxyz")),
-        SimulationParameters(engine="tblite", kind="singlepoint"),
+    report = asyncio.run(
+        screen(
+            StructureSource(path=str(tmp_path / "set.extxyz")),
+            SimulationParameters(engine="tblite", kind="singlepoint"),
+        )
     )
     assert report.n_completed == 3
     assert {r.name for r in report.results} == {"water", "hydrogen", "methane"}
@@ -139,12 +146,16 @@ def test_screen_reads_a_multi_frame_extxyz_with_tblite(tmp_path):
 
 
 def test_bad_input_fails_the_flow_and_leaves_other_runs_intact(tmp_path, water_file):
-    good = simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+    good = asyncio.run(
+        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+    )
     root = get_settings().resolved_results_root()
     before = {p: p.read_bytes() for p in (root / good.flow_run_id).iterdir()}
     empty = tmp_path / "empty.xyz"
     empty.write_text("")
-    state = simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+    state = asyncio.run(
+        simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+    )
     assert state.is_failed()
     assert "structure file is empty" in state.message
     assert {p: p.read_bytes() for p in (root / good.flow_run_id).iterdir()} == before
@@ -153,8 +164,8 @@ def test_bad_input_fails_the_flow_and_leaves_other_runs_intact(tmp_path, water_f
 @pytest.mark.parametrize(("policy", "kept"), [("never", False), ("on_failure", False)])
 def test_workdir_is_cleaned_as_configured(monkeypatch, water_file, policy, kept):
     monkeypatch.setenv("ATOMFORGE_KEEP_WORKDIR", policy)
-    result = simulate(
-        StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint")
+    result = asyncio.run(
+        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
     )
     assert result.workdir is None
     run = load_run(get_settings().resolved_results_root(), result.flow_run_id)
@@ -165,7 +176,9 @@ def test_engine_timeout_kills_the_engine_and_fails_clearly():
     from tests.conftest import water_cluster_xyz
 
     params = SimulationParameters(engine="xtb", timeout_seconds=2)
-    state = simulate(StructureSource(text=water_cluster_xyz(3)), params, return_state=True)
+    state = asyncio.run(
+        simulate(StructureSource(text=water_cluster_xyz(3)), params, return_state=True)
+    )
     assert state.is_failed()
     assert "timeout" in state.message
     result = query_results(

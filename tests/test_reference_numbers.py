@@ -7,6 +7,8 @@ References (../shared/README.md, cross-checked there): GFN2-xTB optimized water
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
@@ -26,7 +28,9 @@ def water_singlepoints():
     """Return xtb and tblite single points (with forces) of the same water geometry."""
     source = StructureSource(text=WATER_XYZ)
     return {
-        engine: simulate(source, SimulationParameters(engine=engine, kind="singlepoint"))
+        engine: asyncio.run(
+            simulate(source, SimulationParameters(engine=engine, kind="singlepoint"))
+        )
         for engine in ("xtb", "tblite")
     }
 
@@ -49,7 +53,9 @@ def test_xtb_forces_match_tblite_forces(water_singlepoints):
 
 @pytest.mark.parametrize("engine", ["xtb", "tblite"])
 def test_optimized_water_matches_the_gfn2_reference(engine):
-    result = simulate(StructureSource(text=WATER_XYZ), SimulationParameters(engine=engine))
+    result = asyncio.run(
+        simulate(StructureSource(text=WATER_XYZ), SimulationParameters(engine=engine))
+    )
     assert result.status == "completed"
     assert result.converged is True
     assert result.energy_hartree == pytest.approx(WATER_OPT_HARTREE, abs=2e-6)
@@ -60,7 +66,7 @@ def test_optimized_water_matches_the_gfn2_reference(engine):
 def test_emt_relaxes_the_copper_lattice_constant():
     start = bulk("Cu", "fcc", a=3.7)
     params = SimulationParameters(engine="emt", relax_cell=True, fmax=1e-4)
-    result = simulate(StructureSource(text=to_extxyz(start)), params)
+    result = asyncio.run(simulate(StructureSource(text=to_extxyz(start)), params))
     from io import StringIO
 
     from ase.io import read
@@ -75,9 +81,11 @@ def test_emt_energy_of_a_copper_dimer_is_reproducible_in_process():
     dimer = molecule("H2")
     dimer.set_chemical_symbols(["Cu", "Cu"])
     dimer.set_distance(0, 1, 2.3)
-    result = simulate(
-        StructureSource(text=to_extxyz(dimer)),
-        SimulationParameters(engine="emt", kind="singlepoint"),
+    result = asyncio.run(
+        simulate(
+            StructureSource(text=to_extxyz(dimer)),
+            SimulationParameters(engine="emt", kind="singlepoint"),
+        )
     )
     from ase.calculators.emt import EMT
 

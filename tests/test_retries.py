@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 
 from prefect import get_client
@@ -36,8 +37,8 @@ def test_engine_killed_from_outside_is_retried_and_then_succeeds(tmp_path, monke
     wrapper.write_text(KILLED_ONCE.format(marker=tmp_path / "killed"))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("ATOMFORGE_XTB_COMMAND", str(wrapper))
-    result = simulate(
-        StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint")
+    result = asyncio.run(
+        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
     )
     assert (tmp_path / "killed").exists()
     assert result.status == "completed"
@@ -47,7 +48,9 @@ def test_engine_killed_from_outside_is_retried_and_then_succeeds(tmp_path, monke
 def test_bad_input_is_not_retried(tmp_path):
     empty = tmp_path / "empty.xyz"
     empty.write_text("")
-    state = simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+    state = asyncio.run(
+        simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+    )
     assert state.is_failed()
     assert _task_runs(str(state.state_details.flow_run_id)) == {"validate": 1}
 
