@@ -11,10 +11,10 @@ import codecs
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,22 +118,31 @@ def _record(proc: subprocess.Popen, argv: Sequence[str], pid_dir: Path) -> Path:
     return path
 
 
-READ_BYTES = 65536
+class _LogTail:
+    """Hands what a process appends to its log file to ``sink``, as decoded text.
 
-
-def _pump(stream, log_path: Path, sink: Callable[[str], None]) -> None:
-    """Copy a process's output into ``log_path`` and hand it to ``sink`` as decoded text.
-
-    Output is read in blocks as it arrives, not line by line, so chatty engines (xtb
-    writes hundreds of lines per structure) cost a few reads per run, not a call per line.
+    The engine writes straight into the file: a pipe read by a Python thread costs a
+    wake-up and the GIL for every line a chatty engine prints (xtb prints hundreds per
+    structure), which slowed whole screens by a fifth.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with log_path.open("ab") as log_file:
-        while block := stream.read(READ_BYTES):
-            log_file.write(block)
-            sink(decoder.decode(block))
-        if tail := decoder.decode(b"", final=True):
-            sink(tail)
+
+    def __init__(self, path: Path, offset: int, sink: Callable[[str], None]) -> None:
+        self.file = path.open("rb")
+        self.file.seek(offset)
+        self.sink = sink
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def read(self) -> None:
+        """Pass on whatever was appended since the last read."""
+        if block := self.file.read():
+            self.sink(self.decoder.decode(block))
+
+    def close(self) -> None:
+        """Pass on the rest of the output and close the file."""
+        self.read()
+        if tail := self.decoder.decode(b"", final=True):
+            self.sink(tail)
+        self.file.close()
 
 
 class LineSplitter:
@@ -156,19 +165,27 @@ class LineSplitter:
             self.partial = ""
 
 
-def _wait_briefly(proc: subprocess.Popen, pump: threading.Thread) -> bool:
+def _exit_handle(proc: subprocess.Popen) -> int | None:
+    """Return a pidfd that becomes readable when ``proc`` exits, or None where there is none."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _wait_briefly(proc: subprocess.Popen, pidfd: int | None) -> bool:
     """Wait up to ``POLL_SECONDS`` for ``proc`` to end; return True once it has.
 
-    While the output pump runs, joining it wakes up the moment the process closes its
-    output, so short engine runs pay no polling latency.
+    With a pidfd the wait ends the moment the process exits, so short engine runs pay no
+    polling latency; without one, ``Popen.wait`` polls.
     """
-    if pump.is_alive():
-        pump.join(POLL_SECONDS)
-    else:
+    if pidfd is None:
         try:
             proc.wait(POLL_SECONDS)
         except subprocess.TimeoutExpired:
             return False
+        return True
+    select.select([pidfd], [], [], POLL_SECONDS)
     return proc.poll() is not None
 
 
@@ -185,26 +202,30 @@ def run_process(
 ) -> ProcessOutcome:
     """Run ``argv`` in ``cwd`` in a new session and return how it ended.
 
-    Output (stdout and stderr) goes to ``log`` as text blocks and to ``cwd/log_name``. Past
-    ``timeout`` seconds, or once ``stop_file`` exists, the whole process tree is killed.
+    Output (stdout and stderr) goes to ``cwd/log_name`` and, read back from there while the
+    process runs, to ``log`` as text blocks. Past ``timeout`` seconds, or once ``stop_file``
+    exists, the whole process tree is killed.
     """
     started = time.monotonic()
-    proc = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        bufsize=0,
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
+    log_path = cwd / log_name
+    with log_path.open("ab") as log_file:
+        offset = log_file.tell()
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
     record = _record(proc, argv, pid_dir)
-    pump = threading.Thread(target=_pump, args=(proc.stdout, cwd / log_name, log), daemon=True)
-    pump.start()
+    output = _LogTail(log_path, offset, log)
+    pidfd = _exit_handle(proc)
     timed_out = stopped = False
     try:
-        while not _wait_briefly(proc, pump):
+        while not _wait_briefly(proc, pidfd):
+            output.read()
             if time.monotonic() - started > timeout:
                 timed_out = True
             elif stop_file.exists():
@@ -217,7 +238,9 @@ def run_process(
         if proc.poll() is None:
             kill_tree(proc.pid)
         record.unlink(missing_ok=True)
-        pump.join(timeout=5)
+        if pidfd is not None:
+            os.close(pidfd)
+        output.close()
     return ProcessOutcome(
         returncode=proc.returncode,
         wall_seconds=time.monotonic() - started,
