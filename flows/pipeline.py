@@ -9,6 +9,7 @@ from pathlib import Path
 from uuid import UUID
 
 from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 
 from engines.base import JobStatus
@@ -51,6 +52,20 @@ def _unrun_results(
         save_result(run.results_root, result)
         results.append(result)
     return results
+
+
+def _chunk_results(
+    future: PrefectFuture, chunk: list[Job], params: SimulationParameters, run: RunContext
+) -> list[StructureResult]:
+    """Return the results of a chunk whose engine run ended; failed results if a step failed."""
+    try:
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return parse_results(chunk, params, run)
+    except Exception as exc:
+        failed = JobStatus("failed", f"{type(exc).__name__}: {exc}")
+        return _unrun_results(chunk, params, run, failed)
 
 
 def _clean_workdirs(results: list[StructureResult], work_dir: Path, policy: KeepWorkdir) -> None:
@@ -111,9 +126,10 @@ async def run_structures(
     progress_id = None
     try:
         validated = validate(source, params, options.skip_invalid)
-        jobs = plan_jobs(validated.structures, 0, paths)
         progress_id = await artifacts.start_progress(f"{flow_name}-progress", title)
+        jobs = plan_jobs(validated.structures, 0, paths)
         run = RunContext(flow_run_id, flow_name, paths, results_root, progress_id, len(jobs))
+        prepare_inputs(jobs, params)
         slots = parallel_slots(context.task_runner, settings)
         chunks = balanced_chunks(
             jobs,
@@ -127,18 +143,13 @@ async def run_structures(
             slots,
             paths.work_dir,
         )
-        futures = []
-        for chunk in chunks:
-            prepared = prepare_inputs.submit(chunk, params)
-            ran = run_engine.submit(prepared, params, run)
-            futures.append((chunk, parse_results.submit(ran, params, run)))
+        running = {
+            run_engine.submit([job.directory for job in chunk], params, run): chunk
+            for chunk in chunks
+        }
         results: list[StructureResult] = []
-        for chunk, future in futures:
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                failed = JobStatus("failed", f"{type(outcome).__name__}: {outcome}")
-                outcome = _unrun_results(chunk, params, run, failed)
-            results.extend(outcome)
+        for future in as_completed(list(running)):
+            results.extend(_chunk_results(future, running[future], params, run))
         results.sort(key=lambda result: result.index)
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
         for job, (_, message) in zip(rejected, validated.rejected):

@@ -1,7 +1,7 @@
 """The four reusable steps of every simulation, as Prefect tasks.
 
-validate -> prepare-inputs -> run-engine -> parse-results. The last three take a chunk of
-structures, so a screen pays Prefect's per-task cost per chunk, not per structure.
+validate -> prepare-inputs -> run-engine -> parse-results. Each takes many structures, so
+a screen pays Prefect's per-task cost per chunk, not per structure.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class Job:
     name: str
     atoms: Atoms
     directory: Path
-    status: JobStatus | None = None
 
 
 @dataclass
@@ -220,7 +219,12 @@ class OutputStreamer:
 
 
 class ProgressReporter:
-    """Updates the run's progress artifact as structures finish (at most once a second)."""
+    """Reports structures as they finish, at a fixed cost: at most once a second.
+
+    Each finished structure gets a marker line in the engine output stream; a failure is
+    also logged at once as a warning. Once a second at most, a progress line goes to the
+    run log and the progress artifact is refreshed.
+    """
 
     def __init__(
         self, run: RunContext, logger: logging.LoggerAdapter, output: OutputStreamer
@@ -228,36 +232,54 @@ class ProgressReporter:
         self.run = run
         self.logger = logger
         self.output = output
+        self.finished = 0
         self.last_update = 0.0
 
     def __call__(self, directory: Path, status: JobStatus) -> None:
-        """Log how ``directory`` ended and refresh the progress artifact."""
-        self.output.flush()
-        self.logger.info("%s: %s %s", directory.name, status.status, status.message)
+        """Record how ``directory`` ended; report progress if a second has passed."""
+        self.finished += 1
+        line = f"{directory.name}: {status.status} {status.message}".rstrip()
+        self.output(f"== {line}\n")
+        if not status.completed:
+            self.logger.warning(line)
         now = time.monotonic()
-        if self.run.progress_id is None or now - self.last_update < 1.0:
+        if now - self.last_update < 1.0:
             return
         self.last_update = now
         done = sum(1 for _ in self.run.paths.work_dir.glob("*/status.json"))
-        update_progress_artifact(
-            self.run.progress_id, min(100.0, 100.0 * done / max(self.run.total, 1))
+        self.logger.info(
+            "%d finished in this chunk; %d of %d in the run; last %s",
+            self.finished,
+            done,
+            self.run.total,
+            line,
         )
+        if self.run.progress_id is not None:
+            update_progress_artifact(
+                self.run.progress_id, min(100.0, 100.0 * done / max(self.run.total, 1))
+            )
 
 
 @task(name="run-engine", **RETRYING)
-def run_engine(jobs: list[Job], params: SimulationParameters, run: RunContext) -> list[Job]:
-    """Return the jobs after running the engine on each; statuses say how each ended."""
-    if not jobs:
-        return jobs
+def run_engine(
+    directories: list[Path], params: SimulationParameters, run: RunContext
+) -> list[JobStatus | None]:
+    """Run the engine in each prepared directory; return how each ended (None: never ran).
+
+    This is the step that goes to a Dask worker: it takes only paths, so nothing heavy is
+    serialized, and the working directories must be on a file system the flow shares.
+    """
+    if not directories:
+        return []
     logger = get_run_logger()
     engine = get_engine(params.engine)
-    logger.info("running %s on %d structure(s)", engine.name, len(jobs))
+    logger.info("running %s on %d structure(s)", engine.name, len(directories))
     run.paths.pid_dir.mkdir(parents=True, exist_ok=True)
     _engine_output_to_api_only()
     output = OutputStreamer()
     try:
         engine.execute(
-            [job.directory for job in jobs],
+            directories,
             params,
             pid_dir=run.paths.pid_dir,
             stop_file=run.paths.stop_file,
@@ -266,9 +288,7 @@ def run_engine(jobs: list[Job], params: SimulationParameters, run: RunContext) -
         )
     finally:
         output.flush()
-    for job in jobs:
-        job.status = JobStatus.read(job.directory)
-    return jobs
+    return [JobStatus.read(directory) for directory in directories]
 
 
 def make_result(
@@ -303,11 +323,14 @@ def make_result(
 def parse_results(
     jobs: list[Job], params: SimulationParameters, run: RunContext
 ) -> list[StructureResult]:
-    """Return one stored result document per job, with the engine's outputs where it finished."""
+    """Return one stored result document per job, with the engine's outputs where it finished.
+
+    How each job ended is read from its directory (``status.json``), which the engine wrote.
+    """
     engine = get_engine(params.engine)
     results = []
     for job in jobs:
-        status = job.status or JobStatus("failed", "engine never ran")
+        status = JobStatus.read(job.directory) or JobStatus("failed", "engine never ran")
         result = make_result(job, params, run, status, engine)
         if status.completed:
             try:
