@@ -96,6 +96,13 @@ def _xtb_version(command: str) -> str:
     return "unknown"
 
 
+def _count_xyz_frames(path: Path, n_atoms: int) -> int:
+    """Return how many frames of ``n_atoms`` atoms the multi-frame xyz file ``path`` holds."""
+    with path.open("rb") as handle:
+        n_lines = sum(1 for line in handle if line.strip())
+    return n_lines // (n_atoms + 2)
+
+
 class XtbEngine(Engine):
     """GFN-xTB through the xtb program, one process per structure."""
 
@@ -180,7 +187,7 @@ class XtbEngine(Engine):
         if params.kind is CalculationKind.optimize:
             atoms = read(directory / "xtbopt.xyz", format="xyz")
             converged = (directory / ".xtboptok").exists()
-            n_steps = len(read(directory / "xtbopt.log", index=":", format="xyz"))
+            n_steps = _count_xyz_frames(directory / "xtbopt.log", len(atoms))
         forces = None
         if params.forces:
             with (directory / "gradient").open() as fd:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from uuid import UUID
 
@@ -76,18 +77,23 @@ async def publish(
     results_dir: Path,
     progress_id: UUID | None,
 ) -> None:
-    """Publish the table, the markdown summary and links to the run's files."""
+    """Publish the table, the markdown summary and links to the run's files, concurrently."""
+    calls = [
+        acreate_table_artifact(result_rows(results), key=f"{key}-table", description=title),
+        acreate_markdown_artifact(
+            markdown_summary(title, results, results_dir), key=f"{key}-summary", description=title
+        ),
+        acreate_link_artifact(
+            results_dir.as_uri(), link_text="result documents (JSON)", key=f"{key}-results"
+        ),
+    ]
     if progress_id is not None:
-        await aupdate_progress_artifact(progress_id, 100.0)
-    await acreate_table_artifact(result_rows(results), key=f"{key}-table", description=title)
-    await acreate_markdown_artifact(
-        markdown_summary(title, results, results_dir), key=f"{key}-summary", description=title
-    )
-    await acreate_link_artifact(
-        results_dir.as_uri(), link_text="result documents (JSON)", key=f"{key}-results"
-    )
-    workdirs = {Path(r.workdir).parent for r in results if r.workdir}
-    for workdir in sorted(workdirs)[:1]:
-        await acreate_link_artifact(
-            workdir.as_uri(), link_text="working directories", key=f"{key}-files"
+        calls.append(aupdate_progress_artifact(progress_id, 100.0))
+    workdirs = sorted({Path(r.workdir).parent for r in results if r.workdir})
+    if workdirs:
+        calls.append(
+            acreate_link_artifact(
+                workdirs[0].as_uri(), link_text="working directories", key=f"{key}-files"
+            )
         )
+    await asyncio.gather(*calls)

@@ -68,16 +68,24 @@ def _chunk_results(
         return _unrun_results(chunk, params, run, failed)
 
 
-def _clean_workdirs(results: list[StructureResult], work_dir: Path, policy: KeepWorkdir) -> None:
-    """Remove working directories the keep policy does not keep, and forget them in results."""
+def _clean_workdirs(
+    results: list[StructureResult], work_dir: Path, policy: KeepWorkdir
+) -> list[StructureResult]:
+    """Remove working directories the keep policy does not keep; return the results changed.
+
+    A result whose directory is removed forgets it (its ``workdir`` becomes None).
+    """
     if policy is KeepWorkdir.always:
-        return
+        return []
+    changed = []
     for result in results:
         if result.workdir and (policy is KeepWorkdir.never or result.ok):
             shutil.rmtree(result.workdir, ignore_errors=True)
             result.workdir = None
+            changed.append(result)
     if policy is KeepWorkdir.never or not any(r.workdir for r in results):
         shutil.rmtree(work_dir, ignore_errors=True)
+    return changed
 
 
 @dataclass
@@ -154,8 +162,7 @@ async def run_structures(
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
         for job, (_, message) in zip(rejected, validated.rejected):
             results.extend(_unrun_results([job], params, run, JobStatus("invalid", message)))
-        _clean_workdirs(results, paths.work_dir, settings.keep_workdir)
-        for result in results:
+        for result in _clean_workdirs(results, paths.work_dir, settings.keep_workdir):
             save_result(results_root, result)
     except AtomforgeError as exc:
         summary.state, summary.message = "Failed", str(exc)
