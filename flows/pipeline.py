@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -9,7 +10,7 @@ from pathlib import Path
 from uuid import UUID
 
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 
 from engines.base import JobStatus
@@ -43,10 +44,10 @@ from flows.tasks import (
 def _unrun_results(
     jobs: list[Job], params: SimulationParameters, run: RunContext, status: JobStatus
 ) -> list[StructureResult]:
-    """Return (and store) results for jobs whose chunk never produced any."""
+    """Return (and store) results saying ``status`` for jobs that produced none."""
     results = []
     for job in jobs:
-        result = make_result(job, params, run, JobStatus.read(job.directory) or status)
+        result = make_result(job, params, run, status)
         if not job.directory.exists():
             result.workdir = None
         save_result(run.results_root, result)
@@ -54,18 +55,32 @@ def _unrun_results(
     return results
 
 
-def _chunk_results(
+async def _follow_chunk(
     future: PrefectFuture, chunk: list[Job], params: SimulationParameters, run: RunContext
 ) -> list[StructureResult]:
-    """Return the results of a chunk whose engine run ended; failed results if a step failed."""
+    """Return the results of a chunk, parsed as its engine run finishes each structure.
+
+    Structures that never ended, because the engine step failed or a parse failed, get
+    ``failed`` results that say why.
+    """
     try:
-        outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return parse_results(chunk, params, run)
+        results = await parse_results(
+            chunk, params, run, engine_finished=future.wrapped_future.done
+        )
     except Exception as exc:
-        failed = JobStatus("failed", f"{type(exc).__name__}: {exc}")
-        return _unrun_results(chunk, params, run, failed)
+        return _unrun_results(chunk, params, run, JobStatus("failed", _describe(exc)))
+    if len(results) == len(chunk):
+        return results
+    outcome = future.result(raise_on_failure=False)
+    reason = _describe(outcome) if isinstance(outcome, BaseException) else "engine never ran"
+    parsed = {result.index for result in results}
+    missing = [job for job in chunk if job.index not in parsed]
+    return results + _unrun_results(missing, params, run, JobStatus("failed", reason))
+
+
+def _describe(exc: BaseException) -> str:
+    """Return ``exc`` as one line: its type and message."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _clean_workdirs(
@@ -109,8 +124,9 @@ async def run_structures(
 ) -> RunOutcome:
     """Run every structure of ``source`` through the four steps and return the outcome.
 
-    Must be awaited inside a flow. The structures are split into one chunk per Dask worker
-    thread, balanced by estimated cost, and each chunk goes prepare -> run -> parse. Each
+    Must be awaited inside a flow. Inputs are prepared here, the structures are split into
+    one chunk per Dask worker thread, balanced by estimated cost, and each chunk's engine
+    run goes to Dask while this process parses its structures as they finish. Each
     structure's result and a run summary are stored as JSON as soon as they are known; a
     failed chunk yields ``failed`` results, not a crash.
     """
@@ -133,11 +149,14 @@ async def run_structures(
     save_run(results_root, summary)
     progress_id = None
     try:
-        validated = validate(source, params, options.skip_invalid)
-        progress_id = await artifacts.start_progress(f"{flow_name}-progress", title)
+        progress = asyncio.ensure_future(artifacts.start_progress(f"{flow_name}-progress", title))
+        try:
+            validated = await validate(source, params, options.skip_invalid)
+        finally:
+            progress_id = await progress
         jobs = plan_jobs(validated.structures, 0, paths)
         run = RunContext(flow_run_id, flow_name, paths, results_root, progress_id, len(jobs))
-        prepare_inputs(jobs, params)
+        await prepare_inputs(jobs, params)
         slots = parallel_slots(context.task_runner, settings)
         chunks = balanced_chunks(
             jobs,
@@ -151,13 +170,16 @@ async def run_structures(
             slots,
             paths.work_dir,
         )
-        running = {
-            run_engine.submit([job.directory for job in chunk], params, run): chunk
+        followers = [
+            _follow_chunk(
+                run_engine.submit([job.directory for job in chunk], params, run),
+                chunk,
+                params,
+                run,
+            )
             for chunk in chunks
-        }
-        results: list[StructureResult] = []
-        for future in as_completed(list(running)):
-            results.extend(_chunk_results(future, running[future], params, run))
+        ]
+        results = [result for part in await asyncio.gather(*followers) for result in part]
         results.sort(key=lambda result: result.index)
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
         for job, (_, message) in zip(rejected, validated.rejected):

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         description="About this many structures per task in a screen; default: one chunk "
         "per Dask worker thread.",
     )
+    engine_log_chars: int = Field(
+        65536,
+        ge=0,
+        description="Most characters of engine output a run-engine task sends to the run "
+        "logs per second (the latest lines are kept; 0 sends none). The working "
+        "directories keep the complete output.",
+    )
     retries: int = Field(3, ge=0, description="Retries of a step that failed for a passing reason.")
     retry_backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubles.")
     retry_jitter: float = Field(0.5, ge=0, description="Random jitter factor on retry delays.")

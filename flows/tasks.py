@@ -2,13 +2,19 @@
 
 validate -> prepare-inputs -> run-engine -> parse-results. Each takes many structures, so
 a screen pays Prefect's per-task cost per chunk, not per structure.
+
+validate, prepare-inputs and parse-results run in the flow's process and are ``async``:
+there they share the flow's API client, where a sync task would open a new one (Prefect
+builds a fresh TLS context for each, about 25 ms). run-engine is sync and goes to Dask.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
@@ -137,7 +143,7 @@ def check_inputs(
 
 
 @task(name="validate", cache_policy=NO_CACHE, persist_result=False)
-def validate(
+async def validate(
     source: StructureSource, params: SimulationParameters, skip_invalid: bool = False
 ) -> ValidatedInput:
     """Return the structures of ``source`` that pass every check (see :func:`check_inputs`)."""
@@ -160,7 +166,7 @@ def plan_jobs(structures: list[NamedStructure], first_index: int, paths: RunPath
 
 
 @task(name="prepare-inputs", **RETRYING)
-def prepare_inputs(jobs: list[Job], params: SimulationParameters) -> list[Job]:
+async def prepare_inputs(jobs: list[Job], params: SimulationParameters) -> list[Job]:
     """Return ``jobs`` once their working directories hold the engine's input files."""
     engine = get_engine(params.engine)
     for job in jobs:
@@ -186,16 +192,17 @@ class OutputStreamer:
     """Streams engine output to the run's logs in blocks: at most one record a second.
 
     One record per output line would cost more than the engines themselves on fast
-    structures; blocks keep the output live in the Prefect UI at a fixed cost. A block
-    larger than Prefect accepts in one record is sent in pieces. The complete output is
-    also in each working directory's log file.
+    structures, so output goes out in blocks, each at most ``max_chars`` long. When an
+    engine writes faster than that (xtb prints about 40 kB per small molecule), a block
+    keeps its latest lines and says how many earlier ones were left out: the run logs
+    stay live without turning Prefect's database into an output archive. The complete
+    output is always in each working directory's log file.
     """
 
-    MAX_RECORD_CHARS = 200_000
-
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, max_chars: int, interval: float = 1.0) -> None:
         run_logger = get_run_logger()
         self.logger = PrefectLogAdapter(logging.getLogger(ENGINE_LOGGER), run_logger.extra)
+        self.max_chars = max_chars
         self.interval = interval
         self.parts: list[str] = []
         self.last_flush = time.monotonic()
@@ -209,13 +216,23 @@ class OutputStreamer:
             self.flush()
 
     def flush(self) -> None:
-        """Send the output gathered so far."""
+        """Send the output gathered so far (its latest ``max_chars`` characters)."""
         with self.lock:
             text, self.parts = "".join(self.parts), []
             self.last_flush = time.monotonic()
         text = text.rstrip("\n")
-        for start in range(0, len(text), self.MAX_RECORD_CHARS):
-            self.logger.info("engine output:\n%s", text[start : start + self.MAX_RECORD_CHARS])
+        if not text or self.max_chars <= 0:
+            return
+        if len(text) > self.max_chars:
+            cut = len(text) - self.max_chars
+            newline = text.find("\n", cut)
+            start = newline + 1 if newline >= 0 else cut
+            skipped = text.count("\n", 0, start)
+            text = (
+                f"[{skipped} earlier line(s) not sent; the working directories' logs have "
+                f"them all]\n{text[start:]}"
+            )
+        self.logger.info("engine output:\n%s", text)
 
 
 class ProgressReporter:
@@ -276,7 +293,7 @@ def run_engine(
     logger.info("running %s on %d structure(s)", engine.name, len(directories))
     run.paths.pid_dir.mkdir(parents=True, exist_ok=True)
     _engine_output_to_api_only()
-    output = OutputStreamer()
+    output = OutputStreamer(get_settings().engine_log_chars)
     try:
         engine.execute(
             directories,
@@ -319,38 +336,66 @@ def make_result(
     )
 
 
-@task(name="parse-results", **RETRYING)
-def parse_results(
-    jobs: list[Job], params: SimulationParameters, run: RunContext
-) -> list[StructureResult]:
-    """Return one stored result document per job, with the engine's outputs where it finished.
+def parse_job(
+    job: Job, status: JobStatus, params: SimulationParameters, run: RunContext, engine: Engine
+) -> StructureResult:
+    """Return and store the result document of ``job``, with the engine's outputs if it finished."""
+    result = make_result(job, params, run, status, engine)
+    if status.completed:
+        try:
+            out = engine.read_results(job.directory, params)
+        except (OSError, ValueError, KeyError) as exc:
+            result.status = "failed"
+            result.message = f"cannot read results: {exc}"
+        else:
+            forces = out.forces
+            result.energy_eV = out.energy
+            result.energy_hartree = out.energy_hartree
+            result.energy_per_atom_eV = out.energy / len(out.atoms)
+            result.gap_eV = out.gap
+            result.converged = out.converged
+            result.n_steps = out.n_steps
+            result.final_structure = to_extxyz(out.atoms)
+            if forces is not None:
+                result.forces_eV_per_A = np.asarray(forces).tolist()
+                result.max_force_eV_per_A = float(np.linalg.norm(forces, axis=1).max())
+            result.properties = out.properties
+    save_result(run.results_root, result)
+    return result
 
-    How each job ended is read from its directory (``status.json``), which the engine wrote.
+
+PARSE_POLL_SECONDS = 0.05
+
+
+@task(name="parse-results", **RETRYING)
+async def parse_results(
+    jobs: list[Job],
+    params: SimulationParameters,
+    run: RunContext,
+    engine_finished: Callable[[], bool] = lambda: True,
+) -> list[StructureResult]:
+    """Return the stored result documents of the jobs that ended, parsing each as it ends.
+
+    How a job ended is read from its directory (``status.json``, written by the engine).
+    While ``engine_finished()`` is False only completed jobs are parsed, since the engine
+    may still retry the others; once it is True every job with a status is. Jobs without
+    one are left out: the caller knows why they never ran.
     """
     engine = get_engine(params.engine)
     results = []
-    for job in jobs:
-        status = JobStatus.read(job.directory) or JobStatus("failed", "engine never ran")
-        result = make_result(job, params, run, status, engine)
-        if status.completed:
-            try:
-                out = engine.read_results(job.directory, params)
-            except (OSError, ValueError, KeyError) as exc:
-                result.status = "failed"
-                result.message = f"cannot read results: {exc}"
+    pending = list(jobs)
+    while pending:
+        finished = engine_finished()
+        waiting = []
+        for job in pending:
+            status = JobStatus.read(job.directory)
+            if status is not None and (finished or status.completed):
+                results.append(parse_job(job, status, params, run, engine))
             else:
-                forces = out.forces
-                result.energy_eV = out.energy
-                result.energy_hartree = out.energy_hartree
-                result.energy_per_atom_eV = out.energy / len(out.atoms)
-                result.gap_eV = out.gap
-                result.converged = out.converged
-                result.n_steps = out.n_steps
-                result.final_structure = to_extxyz(out.atoms)
-                if forces is not None:
-                    result.forces_eV_per_A = np.asarray(forces).tolist()
-                    result.max_force_eV_per_A = float(np.linalg.norm(forces, axis=1).max())
-                result.properties = out.properties
-        save_result(run.results_root, result)
-        results.append(result)
+                waiting.append(job)
+        if finished:
+            break
+        if len(waiting) == len(pending):
+            await asyncio.sleep(PARSE_POLL_SECONDS)
+        pending = waiting
     return results
