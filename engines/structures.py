@@ -142,11 +142,32 @@ def check_geometry(atoms: Atoms, label: str, min_distance: float = MIN_DISTANCE)
         raise InputError(f"{label}: periodic structure has a degenerate cell")
     if len(atoms) < 2:
         return
-    i, j, d = neighbor_list("ijd", atoms, min_distance, self_interaction=False)
-    if len(d):
-        k = int(np.argmin(d))
-        a, b = int(i[k]), int(j[k])
+    close = _closest_pair(atoms, min_distance)
+    if close is not None:
+        a, b, d = close
         raise InputError(
             f"{label}: atoms {a} ({atoms[a].symbol}) and {b} ({atoms[b].symbol}) overlap,"
-            f" {d[k]:.3f} A apart (minimum {min_distance} A)"
+            f" {d:.3f} A apart (minimum {min_distance} A)"
         )
+
+
+DIRECT_DISTANCES_MAX_ATOMS = 500
+
+
+def _closest_pair(atoms: Atoms, cutoff: float) -> tuple[int, int, float] | None:
+    """Return the closest pair of atoms nearer than ``cutoff`` (indices, distance), or None.
+
+    Molecules of moderate size use all pair distances directly, which is many times faster
+    than a neighbour list for them; periodic and large structures use ASE's neighbour list.
+    """
+    if not atoms.pbc.any() and len(atoms) <= DIRECT_DISTANCES_MAX_ATOMS:
+        i, j = np.triu_indices(len(atoms), k=1)
+        d = np.linalg.norm(atoms.positions[i] - atoms.positions[j], axis=1)
+        mask = d < cutoff
+        i, j, d = i[mask], j[mask], d[mask]
+    else:
+        i, j, d = neighbor_list("ijd", atoms, cutoff, self_interaction=False)
+    if not len(d):
+        return None
+    k = int(np.argmin(d))
+    return int(i[k]), int(j[k]), float(d[k])

@@ -40,6 +40,33 @@ def test_bad_structure_files_give_one_line_errors(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
+def test_overlap_across_a_periodic_boundary_is_found():
+    from ase.build import bulk
+
+    from engines.structures import check_geometry
+
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cell.positions[1] = cell.positions[0] - [0.1, 0.0, 0.0]
+    cell.wrap()
+    with pytest.raises(InputError, match=r"atoms 0 \(Cu\) and 1 \(Cu\) overlap, 0.100 A"):
+        check_geometry(cell, "cu")
+
+
+def test_overlap_in_a_large_molecule_is_found():
+    import numpy as np
+    from ase import Atoms
+
+    from engines.structures import DIRECT_DISTANCES_MAX_ATOMS, check_geometry
+
+    n = DIRECT_DISTANCES_MAX_ATOMS + 10
+    grid = np.array([(x, y, z) for x in range(10) for y in range(10) for z in range(6)])[:n]
+    atoms = Atoms(f"C{n}", positions=2.0 * grid)
+    check_geometry(atoms, "grid")
+    atoms.positions[-1] = atoms.positions[3] + [0.0, 0.2, 0.0]
+    with pytest.raises(InputError, match=f"atoms 3 \\(C\\) and {n - 1} \\(C\\) overlap, 0.200 A"):
+        check_geometry(atoms, "grid")
+
+
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such structure file"):
         check_inputs(StructureSource(path=str(tmp_path / "nope.xyz")), SimulationParameters())
