@@ -124,9 +124,9 @@ async def run_structures(
 ) -> RunOutcome:
     """Run every structure of ``source`` through the four steps and return the outcome.
 
-    Must be awaited inside a flow. Inputs are prepared here, the structures are split into
-    one chunk per Dask worker thread, balanced by estimated cost, and each chunk's engine
-    run goes to Dask while this process parses its structures as they finish. Each
+    Must be awaited inside a flow. The structures are split into one chunk per Dask worker
+    thread, balanced by estimated cost. Each chunk's inputs are prepared here, its engine
+    run goes to Dask, and this process parses its structures as they finish. Each
     structure's result and a run summary are stored as JSON as soon as they are known; a
     failed chunk yields ``failed`` results, not a crash.
     """
@@ -154,10 +154,9 @@ async def run_structures(
             validated = await validate(source, params, options.skip_invalid)
         finally:
             progress_id = await progress
+        slots = parallel_slots(context.task_runner, settings)
         jobs = plan_jobs(validated.structures, 0, paths)
         run = RunContext(flow_run_id, flow_name, paths, results_root, progress_id, len(jobs))
-        await prepare_inputs(jobs, params)
-        slots = parallel_slots(context.task_runner, settings)
         chunks = balanced_chunks(
             jobs,
             [estimated_cost(job.atoms) for job in jobs],
@@ -170,15 +169,11 @@ async def run_structures(
             slots,
             paths.work_dir,
         )
-        followers = [
-            _follow_chunk(
-                run_engine.submit([job.directory for job in chunk], params, run),
-                chunk,
-                params,
-                run,
-            )
-            for chunk in chunks
-        ]
+        followers = []
+        for chunk in chunks:
+            await prepare_inputs(chunk, params)
+            engine_run = run_engine.submit([job.directory for job in chunk], params, run)
+            followers.append(_follow_chunk(engine_run, chunk, params, run))
         results = [result for part in await asyncio.gather(*followers) for result in part]
         results.sort(key=lambda result: result.index)
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
