@@ -74,23 +74,85 @@ def test_simulate_runs_four_steps_and_stores_inputs_and_results(water_file):
     assert flow_run_id in artifacts["simulate-results"].data
 
 
-def test_engine_output_is_streamed_to_the_run_logs(water_file):
+def _run_log_containing(flow_run_id: str, text: str, timeout: float = 20) -> str | None:
+    """Return the first log message of the run that contains ``text`` (logs arrive late)."""
     import time
 
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=log_filter)
+        found = [log.message for log in logs if text in log.message]
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    return None
+
+
+def test_engine_output_is_streamed_to_the_run_logs(water_file):
     result = asyncio.run(
         simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
     )
-    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[result.flow_run_id]))
-    deadline = time.monotonic() + 20
-    found = False
-    while not found and time.monotonic() < deadline:
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(log_filter=log_filter)
-        found = any("normal termination of xtb" in log.message for log in logs)
-        time.sleep(0.5)
-    assert found
+    message = _run_log_containing(result.flow_run_id, "normal termination of xtb")
+    assert message is not None
+    assert "not sent" not in message
+    assert "* xtb version" in message
+
+
+def test_engine_output_beyond_the_cap_keeps_its_latest_lines(monkeypatch, water_file):
+    monkeypatch.setenv("ATOMFORGE_ENGINE_LOG_CHARS", "2000")
+    result = asyncio.run(
+        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+    )
+    message = _run_log_containing(result.flow_run_id, "normal termination of xtb")
+    assert message is not None
+    assert "earlier line(s) not sent" in message
+    assert len(message) < 2300
+    log_file = Path(result.workdir) / "xtb.log"
+    assert "* xtb version" in log_file.read_text()
+
+
+def test_parse_takes_completed_structures_while_the_engine_still_runs(tmp_path):
+    from engines import get_engine
+    from engines.base import JobStatus
+    from engines.structures import NamedStructure, read_structures
+    from flows.paths import run_paths
+    from flows.settings import Settings
+    from flows.tasks import RunContext, parse_results, plan_jobs, prepare_inputs
+    from tests.conftest import WATER_XYZ
+
+    settings = Settings(home=tmp_path)
+    paths = run_paths(settings, "streaming")
+    params = SimulationParameters(kind="singlepoint")
+    atoms = read_structures(None, WATER_XYZ, None)[0].atoms
+    names = [NamedStructure(name, atoms.copy()) for name in ("done", "failed", "pending")]
+    done, failed, pending = jobs = plan_jobs(names, 0, paths)
+    asyncio.run(prepare_inputs.fn(jobs, params))
+    get_engine("xtb").execute(
+        [done.directory],
+        params,
+        pid_dir=paths.pid_dir,
+        stop_file=paths.stop_file,
+        log=lambda text: None,
+        on_done=lambda directory, status: None,
+    )
+    JobStatus("failed", "engine failed (exit code 1)").write(failed.directory)
+    run = RunContext("streaming", "screen", paths, settings.resolved_results_root(), None, 3)
+    stored = settings.resolved_results_root() / "streaming"
+    checks = []
+
+    def engine_finished() -> bool:
+        checks.append(sorted(p.stem for p in stored.glob("*.json")))
+        return len(checks) > 1
+
+    results = asyncio.run(parse_results.fn(jobs, params, run, engine_finished=engine_finished))
+    assert checks[1] == ["00000-done"]
+    assert [(r.name, r.status) for r in results] == [("done", "completed"), ("failed", "failed")]
+    assert results[0].energy_hartree is not None and results[0].gap_eV is not None
+    assert not (stored / f"{pending.index:05d}-pending.json").exists()
 
 
 def test_flow_results_are_persisted_as_json_not_pickle(water_file):
