@@ -65,35 +65,29 @@ def markdown_summary(title: str, results: list[StructureResult], results_dir: Pa
     return "\n".join(lines)
 
 
-async def start_progress(key: str, description: str) -> UUID:
-    """Create the run's progress artifact at 0 % and return its id."""
-    return await acreate_progress_artifact(0.0, key=key, description=description)
+async def start(key: str, title: str, results_dir: Path, work_dir: Path, keep: str) -> UUID:
+    """Create the run's progress artifact (at 0 %) and links to its files; return the
+    progress artifact's id. The links are there while the run goes on."""
+    progress, *_ = await asyncio.gather(
+        acreate_progress_artifact(0.0, key=f"{key}-progress", description=title),
+        acreate_link_artifact(
+            results_dir.as_uri(), link_text="result documents (JSON)", key=f"{key}-results"
+        ),
+        acreate_link_artifact(
+            work_dir.as_uri(), link_text=f"working directories (kept: {keep})", key=f"{key}-files"
+        ),
+    )
+    return progress
 
 
 async def publish(
-    key: str,
-    title: str,
-    results: list[StructureResult],
-    results_dir: Path,
-    progress_id: UUID | None,
+    key: str, title: str, results: list[StructureResult], results_dir: Path, progress_id: UUID
 ) -> None:
-    """Publish the table, the markdown summary and links to the run's files, concurrently."""
-    calls = [
+    """Publish the results table and the markdown summary and complete the progress bar."""
+    await asyncio.gather(
         acreate_table_artifact(result_rows(results), key=f"{key}-table", description=title),
         acreate_markdown_artifact(
             markdown_summary(title, results, results_dir), key=f"{key}-summary", description=title
         ),
-        acreate_link_artifact(
-            results_dir.as_uri(), link_text="result documents (JSON)", key=f"{key}-results"
-        ),
-    ]
-    if progress_id is not None:
-        calls.append(aupdate_progress_artifact(progress_id, 100.0))
-    workdirs = sorted({Path(r.workdir).parent for r in results if r.workdir})
-    if workdirs:
-        calls.append(
-            acreate_link_artifact(
-                workdirs[0].as_uri(), link_text="working directories", key=f"{key}-files"
-            )
-        )
-    await asyncio.gather(*calls)
+        aupdate_progress_artifact(progress_id, 100.0),
+    )

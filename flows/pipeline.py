@@ -109,7 +109,7 @@ class RunOutcome:
 
     results: list[StructureResult]
     results_dir: Path
-    progress_id: UUID | None
+    progress_id: UUID
 
     async def publish(
         self, key: str, title: str, ranked: list[StructureResult] | None = None
@@ -147,9 +147,16 @@ async def run_structures(
         started_at=datetime.now(timezone.utc),
     )
     save_run(results_root, summary)
-    progress_id = None
     try:
-        progress = asyncio.ensure_future(artifacts.start_progress(f"{flow_name}-progress", title))
+        progress = asyncio.ensure_future(
+            artifacts.start(
+                flow_name,
+                title,
+                results_root / flow_run_id,
+                paths.work_dir,
+                settings.keep_workdir.value,
+            )
+        )
         try:
             validated = await validate(source, params, options.skip_invalid)
         finally:
