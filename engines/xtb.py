@@ -181,13 +181,14 @@ class XtbEngine(Engine):
     def read_results(self, directory: Path, params: CalculationParameters) -> EngineResults:
         """Return energy, gap, final geometry and forces from xtb's output files."""
         summary = json.loads((directory / "xtbout.json").read_text())
-        atoms = read(directory / INPUT_FILE, format="xyz")
         converged = None
         n_steps = None
         if params.kind is CalculationKind.optimize:
             atoms = read(directory / "xtbopt.xyz", format="xyz")
             converged = (directory / ".xtboptok").exists()
             n_steps = _count_xyz_frames(directory / "xtbopt.log", len(atoms))
+        else:
+            atoms = read(directory / INPUT_FILE, format="xyz")
         forces = None
         if params.forces:
             with (directory / "gradient").open() as fd:

@@ -16,12 +16,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from uuid import UUID
 
 import numpy as np
 from ase import Atoms
-from ase.io import write
 from prefect import task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -81,6 +81,11 @@ class Job:
     name: str
     atoms: Atoms
     directory: Path
+
+    @cached_property
+    def input_extxyz(self) -> str:
+        """Return the input structure as extended XYZ text (computed once)."""
+        return to_extxyz(self.atoms)
 
 
 @dataclass
@@ -171,7 +176,7 @@ async def prepare_inputs(jobs: list[Job], params: SimulationParameters) -> list[
     engine = get_engine(params.engine)
     for job in jobs:
         job.directory.mkdir(parents=True, exist_ok=True)
-        write(job.directory / "structure.extxyz", job.atoms, format="extxyz")
+        (job.directory / "structure.extxyz").write_text(job.input_extxyz)
         engine.write_inputs(job.atoms, params, job.directory)
     return jobs
 
@@ -330,7 +335,7 @@ def make_result(
         parameters=params.model_dump(mode="json"),
         formula=job.atoms.get_chemical_formula(mode="hill"),
         n_atoms=len(job.atoms),
-        input_structure=to_extxyz(job.atoms),
+        input_structure=job.input_extxyz,
         wall_seconds=status.wall_seconds,
         workdir=str(job.directory),
     )
