@@ -118,7 +118,7 @@ class Engine(ABC):
         log: OutputSink,
         on_done: Callable[[Path, JobStatus], None],
     ) -> None:
-        """Run the engine in each prepared directory, writing a :class:`JobStatus` into each.
+        """Run the engine in each prepared directory, in order, writing a :class:`JobStatus`.
 
         Engine processes record themselves in ``pid_dir`` and stop when ``stop_file`` appears.
         Their output goes to ``log`` as it arrives; ``on_done`` is called after each

@@ -383,8 +383,9 @@ async def parse_results(
 
     How a job ended is read from its directory (``status.json``, written by the engine).
     While ``engine_finished()`` is False only completed jobs are parsed, since the engine
-    may still retry the others; once it is True every job with a status is. Jobs without
-    one are left out: the caller knows why they never ran.
+    may still retry the others, and each look stops at the first job that has not ended
+    (engines run their directories in order); once it is True every job with a status
+    is parsed. Jobs without one are left out: the caller knows why they never ran.
     """
     engine = get_engine(params.engine)
     results = []
@@ -392,8 +393,11 @@ async def parse_results(
     while pending:
         finished = engine_finished()
         waiting = []
-        for job in pending:
+        for position, job in enumerate(pending):
             status = JobStatus.read(job.directory)
+            if status is None and not finished:
+                waiting.extend(pending[position:])
+                break
             if status is not None and (finished or status.completed):
                 results.append(parse_job(job, status, params, run, engine))
             else:

@@ -8,10 +8,12 @@ References (../shared/README.md, cross-checked there): GFN2-xTB optimized water
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
+from ase.io.turbomole import read_turbomole_gradient
 
 from engines.structures import to_extxyz
 from flows.models import SimulationParameters, StructureSource
@@ -49,6 +51,13 @@ def test_xtb_forces_match_tblite_forces(water_singlepoints):
     assert xtb.shape == (3, 3)
     assert np.abs(xtb - tblite).max() < 1e-4
     assert np.abs(xtb.sum(axis=0)).max() < 1e-4
+
+
+def test_xtb_forces_agree_with_its_turbomole_gradient_file(water_singlepoints):
+    result = water_singlepoints["xtb"]
+    with (Path(result.workdir) / "gradient").open() as fd:
+        turbomole = read_turbomole_gradient(fd).get_forces()
+    assert np.abs(np.array(result.forces_eV_per_A) - turbomole).max() < 1e-8
 
 
 @pytest.mark.parametrize("engine", ["xtb", "tblite"])
