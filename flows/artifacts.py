@@ -1,17 +1,14 @@
-"""Prefect artifacts of a run: results table, markdown summary, progress and file links."""
+"""Prefect artifacts of a run: results table, markdown summary and file links."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from uuid import UUID
 
 from prefect.artifacts import (
     acreate_link_artifact,
     acreate_markdown_artifact,
-    acreate_progress_artifact,
     acreate_table_artifact,
-    aupdate_progress_artifact,
 )
 
 from flows.models import StructureResult
@@ -65,11 +62,9 @@ def markdown_summary(title: str, results: list[StructureResult], results_dir: Pa
     return "\n".join(lines)
 
 
-async def start(key: str, title: str, results_dir: Path, work_dir: Path, keep: str) -> UUID:
-    """Create the run's progress artifact (at 0 %) and links to its files; return the
-    progress artifact's id. The links are there while the run goes on."""
-    progress, *_ = await asyncio.gather(
-        acreate_progress_artifact(0.0, key=f"{key}-progress", description=title),
+async def link_files(key: str, results_dir: Path, work_dir: Path, keep: str) -> None:
+    """Create links to the run's result documents and working directories."""
+    await asyncio.gather(
         acreate_link_artifact(
             results_dir.as_uri(), link_text="result documents (JSON)", key=f"{key}-results"
         ),
@@ -77,17 +72,13 @@ async def start(key: str, title: str, results_dir: Path, work_dir: Path, keep: s
             work_dir.as_uri(), link_text=f"working directories (kept: {keep})", key=f"{key}-files"
         ),
     )
-    return progress
 
 
-async def publish(
-    key: str, title: str, results: list[StructureResult], results_dir: Path, progress_id: UUID
-) -> None:
-    """Publish the results table and the markdown summary and complete the progress bar."""
+async def publish(key: str, title: str, results: list[StructureResult], results_dir: Path) -> None:
+    """Publish the results table and the markdown summary."""
     await asyncio.gather(
         acreate_table_artifact(result_rows(results), key=f"{key}-table", description=title),
         acreate_markdown_artifact(
             markdown_summary(title, results, results_dir), key=f"{key}-summary", description=title
         ),
-        aupdate_progress_artifact(progress_id, 100.0),
     )

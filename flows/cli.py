@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -21,6 +22,9 @@ from flows.models import RunOptions, SimulationParameters, StructureResult, Stru
 from flows.paths import run_paths
 from flows.settings import get_settings
 from flows.store import iter_runs, query_results, result_path
+
+if TYPE_CHECKING:
+    from flows.screen import RankedStructure
 
 EXIT_ENGINE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -89,7 +93,7 @@ def _source(args: argparse.Namespace) -> StructureSource:
     return StructureSource(path=str(Path(args.structure).resolve()), format=args.format)
 
 
-def print_results(results: Sequence[StructureResult]) -> None:
+def print_results(results: Sequence[StructureResult | RankedStructure]) -> None:
     """Print a table of results, one line each."""
     print(
         f"{'#':>3} {'name':<24} {'formula':<12} {'status':<10} {'E / eV':>14} "

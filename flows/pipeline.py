@@ -7,7 +7,6 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from uuid import UUID
 
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
@@ -26,6 +25,7 @@ from flows.models import (
     StructureSource,
 )
 from flows.paths import run_paths
+from flows.progress import RunProgress
 from flows.runner import parallel_slots
 from flows.settings import KeepWorkdir, get_settings
 from flows.store import save_result, save_run
@@ -56,7 +56,11 @@ def _unrun_results(
 
 
 async def _follow_chunk(
-    future: PrefectFuture, chunk: list[Job], params: SimulationParameters, run: RunContext
+    future: PrefectFuture,
+    chunk: list[Job],
+    params: SimulationParameters,
+    run: RunContext,
+    progress: RunProgress,
 ) -> list[StructureResult]:
     """Return the results of a chunk, parsed as its engine run finishes each structure.
 
@@ -65,7 +69,11 @@ async def _follow_chunk(
     """
     try:
         results = await parse_results(
-            chunk, params, run, engine_finished=future.wrapped_future.done
+            chunk,
+            params,
+            run,
+            engine_finished=future.wrapped_future.done,
+            on_parsed=progress.advance,
         )
     except Exception as exc:
         return _unrun_results(chunk, params, run, JobStatus("failed", _describe(exc)))
@@ -105,18 +113,20 @@ def _clean_workdirs(
 
 @dataclass
 class RunOutcome:
-    """The results of a run (input order), where they are stored, and its progress artifact."""
+    """The results of a run (input order), where they are stored, and its progress bar."""
 
     results: list[StructureResult]
     results_dir: Path
-    progress_id: UUID
+    progress: RunProgress
 
     async def publish(
         self, key: str, title: str, ranked: list[StructureResult] | None = None
     ) -> None:
-        """Publish the run's table, summary and links (``ranked`` orders the table)."""
+        """Publish the run's table and summary (``ranked`` orders the table); fill the bar."""
         rows = self.results if ranked is None else ranked
-        await artifacts.publish(key, title, rows, self.results_dir, self.progress_id)
+        await asyncio.gather(
+            artifacts.publish(key, title, rows, self.results_dir), self.progress.finish()
+        )
 
 
 async def run_structures(
@@ -147,23 +157,18 @@ async def run_structures(
         started_at=datetime.now(timezone.utc),
     )
     save_run(results_root, summary)
-    try:
-        progress = asyncio.ensure_future(
-            artifacts.start(
-                flow_name,
-                title,
-                results_root / flow_run_id,
-                paths.work_dir,
-                settings.keep_workdir.value,
-            )
+    progress = RunProgress(flow_name, title, get_run_logger())
+    links = asyncio.ensure_future(
+        artifacts.link_files(
+            flow_name, results_root / flow_run_id, paths.work_dir, settings.keep_workdir.value
         )
-        try:
-            validated = await validate(source, params, options.skip_invalid)
-        finally:
-            progress_id = await progress
+    )
+    try:
+        validated = await validate(source, params, options.skip_invalid)
         slots = parallel_slots(context.task_runner, settings)
         jobs = plan_jobs(validated.structures, 0, paths)
-        run = RunContext(flow_run_id, flow_name, paths, results_root, progress_id, len(jobs))
+        progress.total = len(jobs)
+        run = RunContext(flow_run_id, flow_name, paths, results_root)
         chunks = balanced_chunks(
             jobs,
             [estimated_cost(job.atoms) for job in jobs],
@@ -180,7 +185,7 @@ async def run_structures(
         for chunk in chunks:
             await prepare_inputs(chunk, params)
             engine_run = run_engine.submit([job.directory for job in chunk], params, run)
-            followers.append(_follow_chunk(engine_run, chunk, params, run))
+            followers.append(_follow_chunk(engine_run, chunk, params, run, progress))
         results = [result for part in await asyncio.gather(*followers) for result in part]
         results.sort(key=lambda result: result.index)
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
@@ -188,12 +193,16 @@ async def run_structures(
             results.extend(_unrun_results([job], params, run, JobStatus("invalid", message)))
         for result in _clean_workdirs(results, paths.work_dir, settings.keep_workdir):
             save_result(results_root, result)
+        await links
     except AtomforgeError as exc:
         summary.state, summary.message = "Failed", str(exc)
         summary.finished_at = datetime.now(timezone.utc)
         save_run(results_root, summary)
+        await asyncio.gather(progress.creating, links, return_exceptions=True)
         raise
     except BaseException:
+        progress.cancel()
+        links.cancel()
         stop_run_engines(paths)
         raise
     summary.n_structures = len(results)
@@ -203,4 +212,4 @@ async def run_structures(
     summary.message = f"{summary.n_completed} of {len(results)} completed"
     summary.finished_at = datetime.now(timezone.utc)
     save_run(results_root, summary)
-    return RunOutcome(results, results_root / flow_run_id, progress_id)
+    return RunOutcome(results, results_root / flow_run_id, progress)

@@ -24,14 +24,40 @@ from flows.runner import simulation_flow_options
 RankKey = Literal["energy_per_atom", "energy", "gap"]
 
 
+class RankedStructure(BaseModel):
+    """One line of a screen's ranking. The whole result document (inputs, final structure,
+    forces, files) is in the result store under ``id``."""
+
+    id: str
+    name: str
+    formula: str
+    status: str
+    message: str = ""
+    energy_eV: float | None = None
+    energy_hartree: float | None = None
+    energy_per_atom_eV: float | None = None
+    gap_eV: float | None = None
+    converged: bool | None = None
+
+    @classmethod
+    def of(cls, result: StructureResult) -> RankedStructure:
+        """Return the ranking line of ``result``."""
+        return cls(**result.model_dump(include=set(cls.model_fields)))
+
+
 class ScreenReport(BaseModel):
-    """A screen's results, best first by ``rank_by``; failed structures come last."""
+    """A screen's ranking, best first by ``rank_by``; failed structures come last.
+
+    It holds one line per structure, not the whole documents: a screen of hundreds
+    would otherwise store every structure and force twice, once more in Prefect's copy
+    of the flow's result. ``flows.store.iter_results(root, flow_run_id)`` reads them all.
+    """
 
     flow_run_id: str
     rank_by: RankKey
     n_structures: int
     n_completed: int
-    results: list[StructureResult] = Field(default_factory=list)
+    results: list[RankedStructure] = Field(default_factory=list)
 
 
 def rank(results: list[StructureResult], rank_by: RankKey) -> list[StructureResult]:
@@ -62,5 +88,5 @@ async def screen(
         rank_by=rank_by,
         n_structures=len(ranked),
         n_completed=sum(r.ok for r in ranked),
-        results=ranked,
+        results=[RankedStructure.of(result) for result in ranked],
     )

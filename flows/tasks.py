@@ -18,12 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from uuid import UUID
 
 import numpy as np
 from ase import Atoms
 from prefect import task
-from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.logging.handlers import APILogHandler
@@ -104,8 +102,6 @@ class RunContext:
     flow_name: str
     paths: RunPaths
     results_root: Path
-    progress_id: UUID | None
-    total: int
 
 
 def validate_structure(
@@ -151,8 +147,12 @@ def check_inputs(
 async def validate(
     source: StructureSource, params: SimulationParameters, skip_invalid: bool = False
 ) -> ValidatedInput:
-    """Return the structures of ``source`` that pass every check (see :func:`check_inputs`)."""
-    validated = check_inputs(source, params, skip_invalid)
+    """Return the structures of ``source`` that pass every check (see :func:`check_inputs`).
+
+    The checks run in a thread, so the flow's event loop goes on with what it started
+    meanwhile (the run's artifacts).
+    """
+    validated = await asyncio.to_thread(check_inputs, source, params, skip_invalid)
     get_run_logger().info(
         "%d structure(s) valid for %s, %d rejected",
         len(validated.structures),
@@ -241,24 +241,22 @@ class OutputStreamer:
 
 
 class ProgressReporter:
-    """Reports structures as they finish, at a fixed cost: at most once a second.
+    """Reports the structures of a chunk as they finish, at a fixed cost.
 
     Each finished structure gets a marker line in the engine output stream; a failure is
-    also logged at once as a warning. Once a second at most, a progress line goes to the
-    run log and the progress artifact is refreshed.
+    also logged at once as a warning; once a second at most, a progress line goes to the
+    task's log. The run's progress bar is moved by the flow, as it stores results.
     """
 
-    def __init__(
-        self, run: RunContext, logger: logging.LoggerAdapter, output: OutputStreamer
-    ) -> None:
-        self.run = run
+    def __init__(self, total: int, logger: logging.LoggerAdapter, output: OutputStreamer) -> None:
+        self.total = total
         self.logger = logger
         self.output = output
         self.finished = 0
         self.last_update = 0.0
 
     def __call__(self, directory: Path, status: JobStatus) -> None:
-        """Record how ``directory`` ended; report progress if a second has passed."""
+        """Record how ``directory`` ended; log progress if a second has passed."""
         self.finished += 1
         line = f"{directory.name}: {status.status} {status.message}".rstrip()
         self.output(f"== {line}\n")
@@ -268,18 +266,9 @@ class ProgressReporter:
         if now - self.last_update < 1.0:
             return
         self.last_update = now
-        done = sum(1 for _ in self.run.paths.work_dir.glob("*/status.json"))
         self.logger.info(
-            "%d finished in this chunk; %d of %d in the run; last %s",
-            self.finished,
-            done,
-            self.run.total,
-            line,
+            "%d of %d finished in this chunk; last %s", self.finished, self.total, line
         )
-        if self.run.progress_id is not None:
-            update_progress_artifact(
-                self.run.progress_id, min(100.0, 100.0 * done / max(self.run.total, 1))
-            )
 
 
 @task(name="run-engine", **RETRYING)
@@ -306,7 +295,7 @@ def run_engine(
             pid_dir=run.paths.pid_dir,
             stop_file=run.paths.stop_file,
             log=output,
-            on_done=ProgressReporter(run, logger, output),
+            on_done=ProgressReporter(len(directories), logger, output),
         )
     finally:
         output.flush()
@@ -378,6 +367,7 @@ async def parse_results(
     params: SimulationParameters,
     run: RunContext,
     engine_finished: Callable[[], bool] = lambda: True,
+    on_parsed: Callable[[StructureResult], None] = lambda result: None,
 ) -> list[StructureResult]:
     """Return the stored result documents of the jobs that ended, parsing each as it ends.
 
@@ -386,6 +376,7 @@ async def parse_results(
     may still retry the others, and each look stops at the first job that has not ended
     (engines run their directories in order); once it is True every job with a status
     is parsed. Jobs without one are left out: the caller knows why they never ran.
+    ``on_parsed`` is told of each result as soon as it is stored.
     """
     engine = get_engine(params.engine)
     results = []
@@ -400,6 +391,7 @@ async def parse_results(
                 break
             if status is not None and (finished or status.completed):
                 results.append(parse_job(job, status, params, run, engine))
+                on_parsed(results[-1])
             else:
                 waiting.append(job)
         if finished:

@@ -21,7 +21,7 @@ from flows.models import RunOptions, SimulationParameters, StructureSource
 from flows.screen import screen
 from flows.settings import get_settings
 from flows.simulate import simulate
-from flows.store import load_run, query_results
+from flows.store import iter_results, load_run, query_results
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -140,7 +140,7 @@ def test_parse_takes_completed_structures_while_the_engine_still_runs(tmp_path):
         on_done=lambda directory, status: None,
     )
     JobStatus("failed", "engine failed (exit code 1)").write(failed.directory)
-    run = RunContext("streaming", "screen", paths, settings.resolved_results_root(), None, 3)
+    run = RunContext("streaming", "screen", paths, settings.resolved_results_root())
     stored = settings.resolved_results_root() / "streaming"
     checks = []
 
@@ -205,6 +205,13 @@ def test_screen_reads_a_multi_frame_extxyz_with_tblite(tmp_path):
     assert {r.name for r in report.results} == {"water", "hydrogen", "methane"}
     energies = [r.energy_per_atom_eV for r in report.results]
     assert energies == sorted(energies)
+    stored = {
+        r.id: r for r in iter_results(get_settings().resolved_results_root(), report.flow_run_id)
+    }
+    for line in report.results:
+        document = stored[line.id]
+        assert document.energy_eV == line.energy_eV and document.name == line.name
+        assert document.final_structure and len(document.forces_eV_per_A) == document.n_atoms
 
 
 def test_bad_input_fails_the_flow_and_leaves_other_runs_intact(tmp_path, water_file):
