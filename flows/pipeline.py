@@ -1,4 +1,4 @@
-"""The shared body of ``simulate`` and ``screen``: validate, then prepare/run/parse per chunk."""
+"""The shared body of ``simulate`` and ``screen``: validate, prepare, run per chunk, parse."""
 
 from __future__ import annotations
 
@@ -55,35 +55,39 @@ def _unrun_results(
     return results
 
 
-async def _follow_chunk(
-    future: PrefectFuture,
-    chunk: list[Job],
+async def _follow(
+    engine_runs: list[PrefectFuture],
+    chunks: list[list[Job]],
     params: SimulationParameters,
     run: RunContext,
     progress: RunProgress,
 ) -> list[StructureResult]:
-    """Return the results of a chunk, parsed as its engine run finishes each structure.
+    """Return the results of every chunk, parsed as the engine runs finish each structure.
 
-    Structures that never ended, because the engine step failed or a parse failed, get
-    ``failed`` results that say why.
+    Structures that never ended, because their engine run failed or the parse failed,
+    get ``failed`` results that say why.
     """
+
+    def engines_finished() -> bool:
+        return all(engine_run.wrapped_future.done() for engine_run in engine_runs)
+
     try:
         results = await parse_results(
-            chunk,
-            params,
-            run,
-            engine_finished=future.wrapped_future.done,
-            on_parsed=progress.advance,
+            chunks, params, run, engines_finished=engines_finished, on_parsed=progress.advance
         )
     except Exception as exc:
-        return _unrun_results(chunk, params, run, JobStatus("failed", _describe(exc)))
-    if len(results) == len(chunk):
-        return results
-    outcome = future.result(raise_on_failure=False)
-    reason = _describe(outcome) if isinstance(outcome, BaseException) else "engine never ran"
+        jobs = [job for chunk in chunks for job in chunk]
+        return _unrun_results(jobs, params, run, JobStatus("failed", _describe(exc)))
     parsed = {result.index for result in results}
-    missing = [job for job in chunk if job.index not in parsed]
-    return results + _unrun_results(missing, params, run, JobStatus("failed", reason))
+    for engine_run, chunk in zip(engine_runs, chunks):
+        missing = [job for job in chunk if job.index not in parsed]
+        if missing:
+            outcome = engine_run.result(raise_on_failure=False)
+            reason = (
+                _describe(outcome) if isinstance(outcome, BaseException) else "engine never ran"
+            )
+            results += _unrun_results(missing, params, run, JobStatus("failed", reason))
+    return results
 
 
 def _describe(exc: BaseException) -> str:
@@ -134,9 +138,9 @@ async def run_structures(
 ) -> RunOutcome:
     """Run every structure of ``source`` through the four steps and return the outcome.
 
-    Must be awaited inside a flow. The structures are split into one chunk per Dask worker
-    thread, balanced by estimated cost. Each chunk's inputs are prepared here, its engine
-    run goes to Dask, and this process parses its structures as they finish. Each
+    Must be awaited inside a flow. Each step is one task: validate, prepare-inputs and
+    parse-results run here; run-engine goes to Dask once per chunk, one chunk per worker
+    thread, balanced by estimated cost. Structures are parsed as they finish. Each
     structure's result and a run summary are stored as JSON as soon as they are known; a
     failed chunk yields ``failed`` results, not a crash.
     """
@@ -181,12 +185,11 @@ async def run_structures(
             slots,
             paths.work_dir,
         )
-        followers = []
-        for chunk in chunks:
-            await prepare_inputs(chunk, params)
-            engine_run = run_engine.submit([job.directory for job in chunk], params, run)
-            followers.append(_follow_chunk(engine_run, chunk, params, run, progress))
-        results = [result for part in await asyncio.gather(*followers) for result in part]
+        await prepare_inputs([job for chunk in chunks for job in chunk], params)
+        engine_runs = [
+            run_engine.submit([job.directory for job in chunk], params, run) for chunk in chunks
+        ]
+        results = await _follow(engine_runs, chunks, params, run, progress)
         results.sort(key=lambda result: result.index)
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
         for job, (_, message) in zip(rejected, validated.rejected):

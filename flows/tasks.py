@@ -1,7 +1,8 @@
 """The four reusable steps of every simulation, as Prefect tasks.
 
 validate -> prepare-inputs -> run-engine -> parse-results. Each takes many structures, so
-a screen pays Prefect's per-task cost per chunk, not per structure.
+a screen pays Prefect's per-task cost once per step (run-engine: once per chunk), not per
+structure.
 
 validate, prepare-inputs and parse-results run in the flow's process and are ``async``:
 there they share the flow's API client, where a sync task would open a new one (Prefect
@@ -363,40 +364,44 @@ PARSE_POLL_SECONDS = 0.05
 
 @task(name="parse-results", **RETRYING)
 async def parse_results(
-    jobs: list[Job],
+    chunks: list[list[Job]],
     params: SimulationParameters,
     run: RunContext,
-    engine_finished: Callable[[], bool] = lambda: True,
+    engines_finished: Callable[[], bool] = lambda: True,
     on_parsed: Callable[[StructureResult], None] = lambda result: None,
 ) -> list[StructureResult]:
     """Return the stored result documents of the jobs that ended, parsing each as it ends.
 
-    How a job ended is read from its directory (``status.json``, written by the engine).
-    While ``engine_finished()`` is False only completed jobs are parsed, since the engine
-    may still retry the others, and each look stops at the first job that has not ended
-    (engines run their directories in order); once it is True every job with a status
-    is parsed. Jobs without one are left out: the caller knows why they never ran.
-    ``on_parsed`` is told of each result as soon as it is stored.
+    ``chunks`` holds the jobs of each run-engine task, in the order it runs them. How a
+    job ended is read from its directory (``status.json``, written by the engine). While
+    ``engines_finished()`` is False only completed jobs are parsed, since an engine may
+    still retry the others, and each look at a chunk stops at its first job that has not
+    ended; once it is True every job with a status is parsed. Jobs without one are left
+    out: the caller knows why they never ran. ``on_parsed`` is told of each result as
+    soon as it is stored.
     """
     engine = get_engine(params.engine)
     results = []
-    pending = list(jobs)
-    while pending:
-        finished = engine_finished()
-        waiting = []
-        for position, job in enumerate(pending):
-            status = JobStatus.read(job.directory)
-            if status is None and not finished:
-                waiting.extend(pending[position:])
-                break
-            if status is not None and (finished or status.completed):
-                results.append(parse_job(job, status, params, run, engine))
-                on_parsed(results[-1])
-            else:
-                waiting.append(job)
+    pending = [list(chunk) for chunk in chunks]
+    while any(pending):
+        finished = engines_finished()
+        progressed = False
+        for chunk in pending:
+            waiting = []
+            for position, job in enumerate(chunk):
+                status = JobStatus.read(job.directory)
+                if status is None and not finished:
+                    waiting.extend(chunk[position:])
+                    break
+                if status is not None and (finished or status.completed):
+                    results.append(parse_job(job, status, params, run, engine))
+                    on_parsed(results[-1])
+                    progressed = True
+                else:
+                    waiting.append(job)
+            chunk[:] = waiting
         if finished:
             break
-        if len(waiting) == len(pending):
+        if not progressed:
             await asyncio.sleep(PARSE_POLL_SECONDS)
-        pending = waiting
     return results

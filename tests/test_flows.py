@@ -115,7 +115,7 @@ def test_engine_output_beyond_the_cap_keeps_its_latest_lines(monkeypatch, water_
     assert "* xtb version" in log_file.read_text()
 
 
-def test_parse_takes_completed_structures_while_the_engine_still_runs(tmp_path):
+def test_parse_takes_completed_structures_of_every_chunk_while_the_engines_still_run(tmp_path):
     from engines import get_engine
     from engines.base import JobStatus
     from engines.structures import NamedStructure, read_structures
@@ -128,11 +128,11 @@ def test_parse_takes_completed_structures_while_the_engine_still_runs(tmp_path):
     paths = run_paths(settings, "streaming")
     params = SimulationParameters(kind="singlepoint")
     atoms = read_structures(None, WATER_XYZ, None)[0].atoms
-    names = [NamedStructure(name, atoms.copy()) for name in ("done", "failed", "pending")]
-    done, failed, pending = jobs = plan_jobs(names, 0, paths)
+    names = [NamedStructure(n, atoms.copy()) for n in ("done", "failed", "pending", "other")]
+    done, failed, pending, other = jobs = plan_jobs(names, 0, paths)
     asyncio.run(prepare_inputs.fn(jobs, params))
     get_engine("xtb").execute(
-        [done.directory],
+        [done.directory, other.directory],
         params,
         pid_dir=paths.pid_dir,
         stop_file=paths.stop_file,
@@ -144,13 +144,21 @@ def test_parse_takes_completed_structures_while_the_engine_still_runs(tmp_path):
     stored = settings.resolved_results_root() / "streaming"
     checks = []
 
-    def engine_finished() -> bool:
+    def engines_finished() -> bool:
         checks.append(sorted(p.stem for p in stored.glob("*.json")))
         return len(checks) > 1
 
-    results = asyncio.run(parse_results.fn(jobs, params, run, engine_finished=engine_finished))
-    assert checks[1] == ["00000-done"]
-    assert [(r.name, r.status) for r in results] == [("done", "completed"), ("failed", "failed")]
+    results = asyncio.run(
+        parse_results.fn(
+            [[done, failed, pending], [other]], params, run, engines_finished=engines_finished
+        )
+    )
+    assert checks[1] == ["00000-done", "00003-other"]
+    assert [(r.name, r.status) for r in results] == [
+        ("done", "completed"),
+        ("other", "completed"),
+        ("failed", "failed"),
+    ]
     assert results[0].energy_hartree is not None and results[0].gap_eV is not None
     assert not (stored / f"{pending.index:05d}-pending.json").exists()
 
