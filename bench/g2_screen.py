@@ -70,6 +70,11 @@ def bare_tblite(job: tuple[str, str]) -> float:
     return atoms.get_potential_energy()
 
 
+def one_openmp_thread() -> None:
+    """Pool initializer: one OpenMP thread per worker, as atomforge gives each engine."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def main() -> None:
     """Run both ways ``--repeat`` times, alternating, and print the median figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,7 +105,7 @@ def main() -> None:
     bare_times, forge_times = [], []
     for _ in range(args.repeat):
         started = time.perf_counter()
-        with Pool(args.workers) as pool:
+        with Pool(args.workers, initializer=one_openmp_thread) as pool:
             bare = pool.map(bare_job, jobs, chunksize=1)
         bare_times.append(time.perf_counter() - started)
 

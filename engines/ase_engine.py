@@ -17,6 +17,8 @@ from typing import Any
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.io import read, write
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engines.base import Engine, EngineResults, JobStatus, OutputSink, raise_for_crashes
 from engines.errors import EngineError, RunStopped
@@ -29,6 +31,22 @@ FINAL_FILE = "final.extxyz"
 RESULTS_FILE = "results.json"
 DONE_MARKER = "atomforge-job-done "
 RUNNER_START_SECONDS = 60.0
+
+
+class AseRunnerProfile(BaseSettings):
+    """How to launch the runner: ``ATOMFORGE_ASE_OMP_THREADS`` OpenMP threads each.
+
+    One runner runs per Dask worker thread, so one OpenMP thread each is the default: a
+    runner per core with every runner using every core slows a screen ten times over.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ATOMFORGE_ASE_")
+
+    omp_threads: int = Field(1, ge=1, description="OpenMP threads per runner process.")
+
+    def env(self) -> dict[str, str]:
+        """Return the environment variables a runner process needs."""
+        return {"OMP_NUM_THREADS": str(self.omp_threads), "OMP_MAX_ACTIVE_LEVELS": "1"}
 
 
 class AseEngine(Engine):
@@ -85,6 +103,7 @@ class AseEngine(Engine):
                 stop_file=stop_file,
                 log=lines,
                 log_name=f"{pending[0].name}.runner.log",
+                env=AseRunnerProfile().env(),
             )
         except OSError as exc:
             raise EngineError(f"{self.name}: cannot start runner: {exc}", retryable=True) from None

@@ -1,8 +1,10 @@
 """Run ASE-calculator jobs prepared by :class:`engines.ase_engine.AseEngine`.
 
 Usage: ``python -m engines.ase_runner DIR [DIR ...]``. Each directory gets a
-``status.json``; results go to ``final.extxyz`` and ``results.json``. A job past its
-``timeout_seconds`` is interrupted and marked ``timeout``; the next job still runs.
+``status.json``; results go to ``final.extxyz`` and ``results.json``, and an
+optimization's path, one frame a step with energy and forces, to ``opt.extxyz`` as it
+goes. A job past its ``timeout_seconds`` is interrupted and marked ``timeout``; the next
+job still runs.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.filters import FrechetCellFilter
 from ase.io import read, write
 from ase.optimize import BFGS
@@ -23,6 +29,9 @@ from engines.ase_engine import DONE_MARKER, FINAL_FILE, INPUT_FILE, JOB_FILE, RE
 from engines.base import JobStatus
 from engines.parameters import CalculationKind, CalculationParameters
 
+TRAJECTORY_FILE = "opt.extxyz"
+TRAJECTORY_PROPERTIES = ("energy", "free_energy", "forces", "stress")
+
 
 class JobTimeout(Exception):
     """Raised inside a job when its time limit passes."""
@@ -30,6 +39,26 @@ class JobTimeout(Exception):
 
 def _on_alarm(signum: int, frame: object) -> None:
     raise JobTimeout
+
+
+def _frame_writer(atoms: Atoms, trajectory: TextIO) -> Callable[[], None]:
+    """Return an optimizer observer that appends each step to ``trajectory`` as extxyz.
+
+    It takes the properties the calculator has just computed from its results: ASE's
+    ``Trajectory`` asks the calculator for each again, which on small molecules costs
+    more than a tblite step.
+    """
+
+    def write_frame() -> None:
+        frame = atoms.copy()
+        results = atoms.calc.results
+        frame.calc = SinglePointCalculator(
+            frame, **{key: results[key] for key in TRAJECTORY_PROPERTIES if key in results}
+        )
+        write(trajectory, frame, format="extxyz")
+        trajectory.flush()
+
+    return write_frame
 
 
 def compute(directory: Path) -> dict:
@@ -43,8 +72,10 @@ def compute(directory: Path) -> dict:
     n_steps = None
     if params.kind is CalculationKind.optimize:
         target = FrechetCellFilter(atoms) if params.relax_cell else atoms
-        optimizer = BFGS(target, logfile="-", trajectory=str(directory / "opt.traj"))
-        converged = bool(optimizer.run(fmax=params.fmax, steps=params.max_steps))
+        with (directory / TRAJECTORY_FILE).open("w") as trajectory:
+            optimizer = BFGS(target, logfile="-")
+            optimizer.attach(_frame_writer(atoms, trajectory))
+            converged = bool(optimizer.run(fmax=params.fmax, steps=params.max_steps))
         n_steps = optimizer.nsteps
     energy = atoms.get_potential_energy()
     if params.forces:

@@ -8,11 +8,13 @@ References (../shared/README.md, cross-checked there): GFN2-xTB optimized water
 from __future__ import annotations
 
 import asyncio
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
+from ase.io import read
 from ase.io.turbomole import read_turbomole_gradient
 
 from engines.structures import to_extxyz
@@ -70,16 +72,17 @@ def test_optimized_water_matches_the_gfn2_reference(engine):
     assert result.energy_hartree == pytest.approx(WATER_OPT_HARTREE, abs=2e-6)
     assert result.gap_eV == pytest.approx(WATER_GAP_EV, abs=5e-3)
     assert result.max_force_eV_per_A < 0.05
+    if engine == "tblite":
+        path = read(Path(result.workdir) / "opt.extxyz", index=":", format="extxyz")
+        assert len(path) == result.n_steps + 1
+        assert path[-1].get_potential_energy() == pytest.approx(result.energy_eV, abs=1e-8)
+        assert np.abs(path[-1].get_forces()).max() < 0.01
 
 
 def test_emt_relaxes_the_copper_lattice_constant():
     start = bulk("Cu", "fcc", a=3.7)
     params = SimulationParameters(engine="emt", relax_cell=True, fmax=1e-4)
     result = asyncio.run(simulate(StructureSource(text=to_extxyz(start)), params))
-    from io import StringIO
-
-    from ase.io import read
-
     final = read(StringIO(result.final_structure), format="extxyz")
     lattice = final.cell.cellpar()[0] * np.sqrt(2)
     assert lattice == pytest.approx(CU_EMT_LATTICE, abs=2e-3)
