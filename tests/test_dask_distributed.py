@@ -28,49 +28,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _dask(*args: str) -> subprocess.Popen:
+    """Start the ``dask`` command with ``args`` from the repository, output discarded."""
+    return subprocess.Popen(
+        [DASK, *args],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 @pytest.fixture
 def scheduler_address():
     """Start a Dask scheduler and two worker processes; return the scheduler address."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [
-        subprocess.Popen(
-            [
-                DASK,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--dashboard-address",
-                ":0",
-            ],
-            cwd=REPO,
-            env=os.environ.copy(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        _dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0")
     ]
     try:
         time.sleep(2)
         procs.append(
-            subprocess.Popen(
-                [
-                    DASK,
-                    "worker",
-                    address,
-                    "--nworkers",
-                    "2",
-                    "--nthreads",
-                    "1",
-                    "--name",
-                    "loopback-worker",
-                    "--no-dashboard",
-                ],
-                cwd=REPO,
-                env=os.environ.copy(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            _dask(
+                "worker",
+                address,
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--name",
+                "loopback-worker",
+                "--no-dashboard",
             )
         )
         with Client(address, timeout=60) as client:
