@@ -40,6 +40,8 @@ from flows.tasks import (
     validate,
 )
 
+ENGINE_STOP_POLL_SECONDS = 0.1
+
 
 def _unrun_results(
     jobs: list[Job], params: SimulationParameters, run: RunContext, status: JobStatus
@@ -65,7 +67,8 @@ async def _follow(
     """Return the results of every chunk, parsed as the engine runs finish each structure.
 
     Structures that never ended, because their engine run failed or the parse failed,
-    get ``failed`` results that say why.
+    get ``failed`` results that say why. A failed parse also stops the engines: what they
+    would compute could not be read.
     """
 
     def engines_finished() -> bool:
@@ -76,6 +79,9 @@ async def _follow(
             chunks, params, run, engines_finished=engines_finished, on_parsed=progress.advance
         )
     except Exception as exc:
+        stop_run_engines(run.paths)
+        while not engines_finished():
+            await asyncio.sleep(ENGINE_STOP_POLL_SECONDS)
         jobs = [job for chunk in chunks for job in chunk]
         return _unrun_results(jobs, params, run, JobStatus("failed", _describe(exc)))
     parsed = {result.index for result in results}
