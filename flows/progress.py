@@ -47,8 +47,8 @@ class RunProgress:
             return
         if self.creating.cancelled() or self.creating.exception() is not None:
             return
-        if self.updating is not None and self.updating.exception() is not None:
-            self.logger.warning("progress update failed: %s", self.updating.exception())
+        if self.updating is not None:
+            self._warn_if_failed(self.updating.exception())
         self.last_update = now
         self.logger.info(
             "%d of %d structure(s) done; last %s: %s",
@@ -65,8 +65,14 @@ class RunProgress:
         """Wait for the updates on their way, then set the bar to 100 %."""
         artifact_id = await self.creating
         if self.updating is not None:
-            await self.updating
+            (outcome,) = await asyncio.gather(self.updating, return_exceptions=True)
+            self._warn_if_failed(outcome)
         await aupdate_progress_artifact(artifact_id, 100.0)
+
+    def _warn_if_failed(self, outcome: object) -> None:
+        """Log a warning if ``outcome`` (of an update) is an exception: updates may fail."""
+        if isinstance(outcome, Exception):
+            self.logger.warning("progress update failed: %s", outcome)
 
     def cancel(self) -> None:
         """Drop the creation or update still on its way (the run is being stopped)."""
