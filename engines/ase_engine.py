@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class AseEngine(Engine):
 
     def execute(
         self,
-        directories: Sequence[Path],
+        directories: Iterable[Path],
         params: CalculationParameters,
         *,
         pid_dir: Path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -79,6 +79,9 @@ class Engine(ABC):
     supports_charge: ClassVar[bool] = True
     supports_cell_relaxation: ClassVar[bool] = False
     known_options: ClassVar[frozenset[str]] = frozenset()
+    runs_one_at_a_time: ClassVar[bool] = False
+    """True if :meth:`execute` takes each directory only when it is about to run it, so a
+    run may hand it a lazy sequence that grows by taking over other tasks' structures."""
 
     def check(self, atoms: Atoms, params: CalculationParameters) -> None:
         """Raise :class:`InputError` if this engine cannot compute ``atoms`` with ``params``."""
@@ -110,7 +113,7 @@ class Engine(ABC):
     @abstractmethod
     def execute(
         self,
-        directories: Sequence[Path],
+        directories: Iterable[Path],
         params: CalculationParameters,
         *,
         pid_dir: Path,

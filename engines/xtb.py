@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -113,6 +113,7 @@ class XtbEngine(Engine):
 
     name = "xtb"
     description = "xtb program (GFN2-xTB default); molecules"
+    runs_one_at_a_time = True
     supports_periodic = False
     known_options = frozenset(
         {"method", "opt_level", "accuracy", "electronic_temperature", "solvent"}
@@ -142,7 +143,7 @@ class XtbEngine(Engine):
 
     def execute(
         self,
-        directories: Sequence[Path],
+        directories: Iterable[Path],
         params: CalculationParameters,
         *,
         pid_dir: Path,

@@ -16,6 +16,7 @@ from engines.base import JobStatus
 from engines.errors import AtomforgeError
 from flows import artifacts
 from flows.chunking import balanced_chunks, estimated_cost, n_chunks
+from flows.claims import claim_owner
 from flows.hooks import stop_run_engines
 from flows.models import (
     RunOptions,
@@ -32,6 +33,7 @@ from flows.store import save_result, save_run
 from flows.tasks import (
     Job,
     RunContext,
+    engine_owner,
     make_result,
     parse_results,
     plan_jobs,
@@ -66,9 +68,9 @@ async def _follow(
 ) -> list[StructureResult]:
     """Return the results of every chunk, parsed as the engine runs finish each structure.
 
-    Structures that never ended, because their engine run failed or the parse failed,
-    get ``failed`` results that say why. A failed parse also stops the engines: what they
-    would compute could not be read.
+    Structures that never ended, because the engine run that claimed them (or, if none
+    did, their chunk's) failed or the parse failed, get ``failed`` results that say why.
+    A failed parse also stops the engines: what they would compute could not be read.
     """
 
     def engines_finished() -> bool:
@@ -85,14 +87,18 @@ async def _follow(
         jobs = [job for chunk in chunks for job in chunk]
         return _unrun_results(jobs, params, run, JobStatus("failed", _describe(exc)))
     parsed = {result.index for result in results}
+    owners = {engine_owner(index): engine_run for index, engine_run in enumerate(engine_runs)}
     for engine_run, chunk in zip(engine_runs, chunks):
-        missing = [job for job in chunk if job.index not in parsed]
-        if missing:
-            outcome = engine_run.result(raise_on_failure=False)
+        for job in chunk:
+            if job.index in parsed:
+                continue
+            outcome = owners.get(claim_owner(job.directory), engine_run).result(
+                raise_on_failure=False
+            )
             reason = (
                 _describe(outcome) if isinstance(outcome, BaseException) else "engine never ran"
             )
-            results += _unrun_results(missing, params, run, JobStatus("failed", reason))
+            results += _unrun_results([job], params, run, JobStatus("failed", reason))
     return results
 
 
@@ -192,8 +198,9 @@ async def run_structures(
             paths.work_dir,
         )
         await prepare_inputs([job for chunk in chunks for job in chunk], params)
+        directories = [[job.directory for job in chunk] for chunk in chunks]
         engine_runs = [
-            run_engine.submit([job.directory for job in chunk], params, run) for chunk in chunks
+            run_engine.submit(directories, index, params, run) for index in range(len(chunks))
         ]
         results = await _follow(engine_runs, chunks, params, run, progress)
         results.sort(key=lambda result: result.index)

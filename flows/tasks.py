@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,6 +39,7 @@ from engines.structures import (
     read_structures,
     to_extxyz,
 )
+from flows.claims import CLAIM_FILE, claimed_directories
 from flows.models import SimulationParameters, StructureResult, StructureSource
 from flows.paths import RunPaths
 from flows.settings import get_settings
@@ -173,10 +174,14 @@ def plan_jobs(structures: list[NamedStructure], first_index: int, paths: RunPath
 
 @task(name="prepare-inputs", **RETRYING)
 async def prepare_inputs(jobs: list[Job], params: SimulationParameters) -> list[Job]:
-    """Return ``jobs`` once their working directories hold the engine's input files."""
+    """Return ``jobs`` once their working directories hold the engine's input files.
+
+    A claim left by an earlier attempt of the flow run is dropped: chunks may differ now.
+    """
     engine = get_engine(params.engine)
     for job in jobs:
         job.directory.mkdir(parents=True, exist_ok=True)
+        (job.directory / CLAIM_FILE).unlink(missing_ok=True)
         (job.directory / "structure.extxyz").write_text(job.input_extxyz)
         engine.write_inputs(job.atoms, params, job.directory)
     return jobs
@@ -242,15 +247,15 @@ class OutputStreamer:
 
 
 class ProgressReporter:
-    """Reports the structures of a chunk as they finish, at a fixed cost.
+    """Reports the structures a run-engine task finishes, at a fixed cost.
 
     Each finished structure gets a marker line in the engine output stream; a failure is
     also logged at once as a warning; once a second at most, a progress line goes to the
     task's log. The run's progress bar is moved by the flow, as it stores results.
     """
 
-    def __init__(self, total: int, logger: logging.LoggerAdapter, output: OutputStreamer) -> None:
-        self.total = total
+    def __init__(self, own: int, logger: logging.LoggerAdapter, output: OutputStreamer) -> None:
+        self.own = own
         self.logger = logger
         self.output = output
         self.finished = 0
@@ -267,40 +272,59 @@ class ProgressReporter:
         if now - self.last_update < 1.0:
             return
         self.last_update = now
-        self.logger.info(
-            "%d of %d finished in this chunk; last %s", self.finished, self.total, line
-        )
+        self.logger.info("%d finished (own chunk: %d); last %s", self.finished, self.own, line)
+
+
+def _recorded(directories: Iterator[Path], ran: list[Path]) -> Iterator[Path]:
+    """Yield ``directories``, adding each to ``ran`` as it is handed out."""
+    for directory in directories:
+        ran.append(directory)
+        yield directory
+
+
+def engine_owner(index: int) -> str:
+    """Return the claim owner name of the run-engine task of chunk ``index``."""
+    return f"run-engine-{index}"
 
 
 @task(name="run-engine", **RETRYING)
 def run_engine(
-    directories: list[Path], params: SimulationParameters, run: RunContext
-) -> list[JobStatus | None]:
-    """Run the engine in each prepared directory; return how each ended (None: never ran).
+    chunks: list[list[Path]], index: int, params: SimulationParameters, run: RunContext
+) -> list[Path]:
+    """Run the engine on chunk ``index`` of the prepared directories; return those it ran.
 
-    This is the step that goes to a Dask worker: it takes only paths, so nothing heavy is
-    serialized, and the working directories must be on a file system the flow shares.
+    An engine that takes its directories one at a time then takes over the structures of
+    other chunks that no task has started (see :mod:`flows.claims`). Each directory it
+    ran holds a ``status.json`` saying how it ended. This is the step that goes to a Dask
+    worker: it takes only paths, so nothing heavy is serialized, and the working
+    directories must be on a file system the flow shares.
     """
-    if not directories:
+    if not chunks[index]:
         return []
     logger = get_run_logger()
     engine = get_engine(params.engine)
-    logger.info("running %s on %d structure(s)", engine.name, len(directories))
+    logger.info("running %s on a chunk of %d structure(s)", engine.name, len(chunks[index]))
     run.paths.pid_dir.mkdir(parents=True, exist_ok=True)
     _engine_output_to_api_only()
     output = OutputStreamer(get_settings().engine_log_chars)
+    ran: list[Path] = []
+    claimed = claimed_directories(
+        chunks, index, engine_owner(index), take_over=engine.runs_one_at_a_time
+    )
     try:
         engine.execute(
-            directories,
+            _recorded(claimed, ran),
             params,
             pid_dir=run.paths.pid_dir,
             stop_file=run.paths.stop_file,
             log=output,
-            on_done=ProgressReporter(len(directories), logger, output),
+            on_done=ProgressReporter(len(chunks[index]), logger, output),
         )
     finally:
         output.flush()
-    return [JobStatus.read(directory) for directory in directories]
+    taken_over = len(set(ran) - set(chunks[index]))
+    logger.info("ran %d structure(s), %d taken over from other chunks", len(ran), taken_over)
+    return ran
 
 
 def make_result(
@@ -362,6 +386,26 @@ def parse_job(
 PARSE_POLL_SECONDS = 0.05
 
 
+def _ended(chunk: list[Job], everything: bool) -> list[tuple[Job, JobStatus]]:
+    """Return the jobs of ``chunk`` that have a status, with it.
+
+    Unless ``everything``, only the two ends are looked at, each up to its first job that
+    has not ended: the chunk's own task runs it from the front and tasks that take it over
+    from the back, so the jobs in between have not ended either.
+    """
+    if everything:
+        found = [(job, JobStatus.read(job.directory)) for job in chunk]
+        return [(job, status) for job, status in found if status is not None]
+    ended: dict[int, tuple[Job, JobStatus]] = {}
+    for end in (chunk, chunk[::-1]):
+        for job in end:
+            status = None if job.index in ended else JobStatus.read(job.directory)
+            if status is None:
+                break
+            ended[job.index] = (job, status)
+    return list(ended.values())
+
+
 @task(name="parse-results", **RETRYING)
 async def parse_results(
     chunks: list[list[Job]],
@@ -375,10 +419,9 @@ async def parse_results(
     ``chunks`` holds the jobs of each run-engine task, in the order it runs them. How a
     job ended is read from its directory (``status.json``, written by the engine). While
     ``engines_finished()`` is False only completed jobs are parsed, since an engine may
-    still retry the others, and each look at a chunk stops at its first job that has not
-    ended; once it is True every job with a status is parsed. Jobs without one are left
-    out: the caller knows why they never ran. ``on_parsed`` is told of each result as
-    soon as it is stored.
+    still retry the others; once it is True every job with a status is parsed. Jobs
+    without one are left out: the caller knows why they never ran. ``on_parsed`` is told
+    of each result as soon as it is stored.
     """
     engine = get_engine(params.engine)
     results = []
@@ -387,19 +430,14 @@ async def parse_results(
         finished = engines_finished()
         progressed = False
         for chunk in pending:
-            waiting = []
-            for position, job in enumerate(chunk):
-                status = JobStatus.read(job.directory)
-                if status is None and not finished:
-                    waiting.extend(chunk[position:])
-                    break
-                if status is not None and (finished or status.completed):
+            done = set()
+            for job, status in _ended(chunk, finished):
+                if finished or status.completed:
                     results.append(parse_job(job, status, params, run, engine))
                     on_parsed(results[-1])
-                    progressed = True
-                else:
-                    waiting.append(job)
-            chunk[:] = waiting
+                    done.add(job.index)
+            chunk[:] = [job for job in chunk if job.index not in done]
+            progressed = progressed or bool(done)
         if finished:
             break
         if not progressed:
