@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,14 @@ def water_cluster_xyz(side: int = 4, spacing: float = 3.1) -> str:
     lines = [str(len(cluster)), "water cluster"]
     lines += [f"{a.symbol} {a.x:.6f} {a.y:.6f} {a.z:.6f}" for a in cluster]
     return "\n".join(lines) + "\n"
+
+
+def use_xtb_wrapper(path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Write ``script`` to ``path`` as an executable and make it the xtb command; return it."""
+    path.write_text(script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("ATOMFORGE_XTB_COMMAND", str(path))
+    return path
 
 
 @pytest.fixture

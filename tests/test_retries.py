@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import stat
 
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -13,6 +12,7 @@ from engines.errors import EngineError, InputError, RunStopped
 from flows.models import SimulationParameters, StructureSource
 from flows.simulate import simulate
 from flows.tasks import is_worth_retrying
+from tests.conftest import use_xtb_wrapper
 
 KILLED_ONCE = """#!/bin/sh
 # Real xtb, except that its first start is killed with SIGKILL, as the OOM killer would.
@@ -33,10 +33,9 @@ def _task_runs(flow_run_id: str) -> dict[str, int]:
 
 
 def test_engine_killed_from_outside_is_retried_and_then_succeeds(tmp_path, monkeypatch, water_file):
-    wrapper = tmp_path / "xtb-killed-once"
-    wrapper.write_text(KILLED_ONCE.format(marker=tmp_path / "killed"))
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("ATOMFORGE_XTB_COMMAND", str(wrapper))
+    use_xtb_wrapper(
+        tmp_path / "xtb-killed-once", KILLED_ONCE.format(marker=tmp_path / "killed"), monkeypatch
+    )
     result = asyncio.run(
         simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
     )

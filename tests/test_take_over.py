@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import stat
 from pathlib import Path
 
 from ase.build import molecule
@@ -15,6 +14,7 @@ from flows.screen import screen
 from flows.settings import get_settings
 from flows.store import iter_results
 from flows.tasks import engine_owner
+from tests.conftest import use_xtb_wrapper
 
 LATE_FOR_SOME = """#!/bin/sh
 # Real xtb, 3 s late for a folder named *-slow and 1 s late for one named *-wait.
@@ -27,10 +27,7 @@ exec xtb "$@"
 
 
 def test_a_free_task_takes_over_the_tail_of_a_slow_chunk(tmp_path, monkeypatch):
-    wrapper = tmp_path / "xtb-late-for-some"
-    wrapper.write_text(LATE_FOR_SOME)
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("ATOMFORGE_XTB_COMMAND", str(wrapper))
+    use_xtb_wrapper(tmp_path / "xtb-late-for-some", LATE_FOR_SOME, monkeypatch)
     folder = tmp_path / "set"
     folder.mkdir()
     for name in ("a-slow", "b", "c"):
