@@ -37,8 +37,8 @@ def closed_shell_g2() -> list[tuple[str, object]]:
 
 def bare_xtb(job: tuple[str, str]) -> float:
     """Optimize one xyz file with the xtb program in a scratch folder; return its energy (Eh)."""
-    from engines.parameters import CalculationParameters
-    from engines.xtb import XtbProfile
+    from atomforge.engines.parameters import CalculationParameters
+    from atomforge.engines.xtb import XtbProfile
 
     _, xyz = job
     profile = XtbProfile()
@@ -86,10 +86,10 @@ def main() -> None:
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
 
-    from engines.structures import to_extxyz
-    from flows.models import SimulationParameters, StructureSource
-    from flows.screen import screen
-    from flows.simulate import simulate
+    from atomforge.engines.structures import to_extxyz
+    from atomforge.flows.models import SimulationParameters, StructureSource
+    from atomforge.flows.screen import screen
+    from atomforge.flows.simulate import simulate
 
     molecules = closed_shell_g2()[: args.limit]
     folder = Path(tempfile.mkdtemp(prefix="g2-"))

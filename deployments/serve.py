@@ -1,11 +1,10 @@
-"""Serve both flows without a work pool: ``python -m deployments.serve`` (Ctrl-C stops)."""
+"""Serve both flows without a work pool: ``python -m atomforge.deployments.serve``."""
 
 from __future__ import annotations
 
+from atomforge.flows.screen import screen
+from atomforge.flows.simulate import simulate
 from prefect import serve
-
-from flows.screen import screen
-from flows.simulate import simulate
 
 
 def main() -> None:

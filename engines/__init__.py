@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from engines.base import Engine
-from engines.errors import InputError
+from atomforge.engines.base import Engine
+from atomforge.engines.errors import InputError
 
 
 def _registry() -> dict[str, type[Engine]]:
     """Return the engine classes by name."""
-    from engines.emt import EmtEngine
-    from engines.tblite_engine import TbliteEngine
-    from engines.xtb import XtbEngine
+    from atomforge.engines.emt import EmtEngine
+    from atomforge.engines.tblite_engine import TbliteEngine
+    from atomforge.engines.xtb import XtbEngine
 
     return {cls.name: cls for cls in (XtbEngine, TbliteEngine, EmtEngine)}
 

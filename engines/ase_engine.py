@@ -1,6 +1,6 @@
 """Engines that are ASE calculators running inside Python (EMT, tblite).
 
-They still run in a separate process (``python -m engines.ase_runner``) so that a timeout
+They still run in a separate process (``python -m atomforge.engines.ase_runner``) so that a timeout
 or a cancellation can kill them; one process computes a whole chunk of structures, so the
 interpreter start-up is paid per chunk, not per structure.
 """
@@ -17,13 +17,12 @@ from typing import Any
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.io import read, write
+from atomforge.engines.base import Engine, EngineResults, JobStatus, OutputSink, raise_for_crashes
+from atomforge.engines.errors import EngineError, RunStopped
+from atomforge.engines.parameters import CalculationParameters
+from atomforge.engines.process import LineSplitter, run_process
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from engines.base import Engine, EngineResults, JobStatus, OutputSink, raise_for_crashes
-from engines.errors import EngineError, RunStopped
-from engines.parameters import CalculationParameters
-from engines.process import LineSplitter, run_process
 
 INPUT_FILE = "input.extxyz"
 JOB_FILE = "job.json"
@@ -93,7 +92,7 @@ class AseEngine(Engine):
 
         lines = LineSplitter(on_line)
 
-        argv = [sys.executable, "-u", "-m", "engines.ase_runner", *map(str, pending)]
+        argv = [sys.executable, "-u", "-m", "atomforge.engines.ase_runner", *map(str, pending)]
         try:
             outcome = run_process(
                 argv,

@@ -1,6 +1,6 @@
-"""Run ASE-calculator jobs prepared by :class:`engines.ase_engine.AseEngine`.
+"""Run ASE-calculator jobs prepared by :class:`atomforge.engines.ase_engine.AseEngine`.
 
-Usage: ``python -m engines.ase_runner DIR [DIR ...]``. Each directory gets a
+Usage: ``python -m atomforge.engines.ase_runner DIR [DIR ...]``. Each directory gets a
 ``status.json``; results go to ``final.extxyz`` and ``results.json``, and an
 optimization's path, one frame a step with energy and forces, to ``opt.extxyz`` as it
 goes. A job past its ``timeout_seconds`` is interrupted and marked ``timeout``; the next
@@ -23,11 +23,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.filters import FrechetCellFilter
 from ase.io import read, write
 from ase.optimize import BFGS
-
-from engines import get_engine
-from engines.ase_engine import DONE_MARKER, FINAL_FILE, INPUT_FILE, JOB_FILE, RESULTS_FILE
-from engines.base import JobStatus
-from engines.parameters import CalculationKind, CalculationParameters
+from atomforge.engines import get_engine
+from atomforge.engines.ase_engine import DONE_MARKER, FINAL_FILE, INPUT_FILE, JOB_FILE, RESULTS_FILE
+from atomforge.engines.base import JobStatus
+from atomforge.engines.parameters import CalculationKind, CalculationParameters
 
 TRAJECTORY_FILE = "opt.extxyz"
 TRAJECTORY_PROPERTIES = ("energy", "free_energy", "forces", "stress")

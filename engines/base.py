@@ -16,10 +16,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 from ase import Atoms
-
-from engines.errors import EngineError, InputError, RunStopped
-from engines.parameters import CalculationKind, CalculationParameters
-from engines.process import ProcessOutcome
+from atomforge.engines.errors import EngineError, InputError, RunStopped
+from atomforge.engines.parameters import CalculationKind, CalculationParameters
+from atomforge.engines.process import ProcessOutcome
 
 STATUS_FILE = "status.json"
 OutputSink = Callable[[str], None]

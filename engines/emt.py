@@ -5,10 +5,9 @@ from __future__ import annotations
 import ase
 from ase import Atoms
 from ase.calculators.emt import EMT, parameters
-
-from engines.ase_engine import AseEngine
-from engines.errors import InputError
-from engines.parameters import CalculationParameters
+from atomforge.engines.ase_engine import AseEngine
+from atomforge.engines.errors import InputError
+from atomforge.engines.parameters import CalculationParameters
 
 
 class EmtEngine(AseEngine):

@@ -9,10 +9,9 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.units import Hartree
-
-from engines.ase_engine import AseEngine
-from engines.errors import InputError
-from engines.parameters import CalculationParameters
+from atomforge.engines.ase_engine import AseEngine
+from atomforge.engines.errors import InputError
+from atomforge.engines.parameters import CalculationParameters
 
 METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
 

@@ -20,10 +20,7 @@ from ase import Atoms
 from ase.io import read, write
 from ase.io.orca import read_orca_engrad
 from ase.units import Hartree
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from engines.base import (
+from atomforge.engines.base import (
     Engine,
     EngineResults,
     JobStatus,
@@ -31,9 +28,11 @@ from engines.base import (
     raise_for_crashes,
     status_from_exit,
 )
-from engines.errors import EngineError, InputError, RunStopped
-from engines.parameters import CalculationKind, CalculationParameters
-from engines.process import run_process
+from atomforge.engines.errors import EngineError, InputError, RunStopped
+from atomforge.engines.parameters import CalculationKind, CalculationParameters
+from atomforge.engines.process import run_process
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 METHOD_FLAGS = {
     "GFN2-xTB": ["--gfn", "2"],

@@ -1,1 +1,1 @@
-"""atomforge flows: thin Prefect flows composed of the reusable tasks in ``flows.tasks``."""
+"""atomforge flows: thin Prefect flows over the reusable tasks in ``atomforge.flows.tasks``."""

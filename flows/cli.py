@@ -14,17 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from atomforge.engines import engine_names, get_engine
+from atomforge.engines.errors import AtomforgeError, InputError
+from atomforge.flows.models import (
+    RunOptions,
+    SimulationParameters,
+    StructureResult,
+    StructureSource,
+)
+from atomforge.flows.paths import run_paths
+from atomforge.flows.settings import get_settings
+from atomforge.flows.store import iter_runs, query_results, result_path
 from pydantic import ValidationError
 
-from engines import engine_names, get_engine
-from engines.errors import AtomforgeError, InputError
-from flows.models import RunOptions, SimulationParameters, StructureResult, StructureSource
-from flows.paths import run_paths
-from flows.settings import get_settings
-from flows.store import iter_runs, query_results, result_path
-
 if TYPE_CHECKING:
-    from flows.screen import RankedStructure
+    from atomforge.flows.screen import RankedStructure
 
 EXIT_ENGINE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -112,7 +116,7 @@ def print_results(results: Sequence[StructureResult | RankedStructure]) -> None:
 
 def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
     """Return source, parameters and options after checking them all (InputError if bad)."""
-    from flows.tasks import check_inputs
+    from atomforge.flows.tasks import check_inputs
 
     try:
         params = _parameters(args)
@@ -132,7 +136,7 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one structure; print its result. Return the exit code."""
     source, params, options = _prepare(args)
-    from flows.simulate import simulate
+    from atomforge.flows.simulate import simulate
 
     state = asyncio.run(simulate(source, params, options, return_state=True))
     results = query_results(
@@ -149,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_screen(args: argparse.Namespace) -> int:
     """Screen every structure of a file or folder; print the ranking. Return the exit code."""
     source, params, options = _prepare(args, args.skip_invalid)
-    from flows.screen import screen
+    from atomforge.flows.screen import screen
 
     state = asyncio.run(screen(source, params, options, args.rank_by, return_state=True))
     if not state.is_completed():
@@ -209,7 +213,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job: an xTB water optimization and a small screening. Return the exit code."""
-    from flows.demo import run_demo
+    from atomforge.flows.demo import run_demo
 
     return run_demo()
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from ase.build import molecule
 from ase.io import write
-
-from engines.structures import to_extxyz
-from flows.models import RunOptions, SimulationParameters, StructureSource
-from flows.settings import get_settings
+from atomforge.engines.structures import to_extxyz
+from atomforge.flows.models import RunOptions, SimulationParameters, StructureSource
+from atomforge.flows.settings import get_settings
 
 DEMO_MOLECULES = ("H2O", "NH3", "CH4", "CO2", "C2H4", "HCN")
 
@@ -25,9 +24,9 @@ def write_demo_set(folder: Path) -> Path:
 
 def run_demo() -> int:
     """Run the water optimization and the screening on the current Prefect API; return 0."""
-    from flows.cli import print_results
-    from flows.screen import screen
-    from flows.simulate import simulate
+    from atomforge.flows.cli import print_results
+    from atomforge.flows.screen import screen
+    from atomforge.flows.simulate import simulate
 
     water = StructureSource(text=to_extxyz(molecule("H2O")))
     result = asyncio.run(simulate(water, SimulationParameters(engine="xtb"), RunOptions()))

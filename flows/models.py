@@ -6,9 +6,8 @@ from datetime import datetime, timezone
 from pathlib import PurePath
 from typing import Any, Literal
 
+from atomforge.engines.parameters import CalculationParameters
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from engines.parameters import CalculationParameters
 
 EngineName = Literal["xtb", "tblite", "emt"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.errors import InputError
-from flows.settings import Settings
+from atomforge.engines.errors import InputError
+from atomforge.flows.settings import Settings
 
 CONTROL_DIR = ".control"
 

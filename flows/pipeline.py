@@ -8,29 +8,25 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture
-from prefect.logging import get_run_logger
-
-from engines.base import JobStatus
-from engines.errors import AtomforgeError
-from flows import artifacts
-from flows.chunking import balanced_chunks, estimated_cost, n_chunks
-from flows.claims import claim_owner
-from flows.hooks import stop_run_engines
-from flows.models import (
+from atomforge.engines.base import JobStatus
+from atomforge.engines.errors import AtomforgeError
+from atomforge.flows import artifacts
+from atomforge.flows.chunking import balanced_chunks, estimated_cost, n_chunks
+from atomforge.flows.claims import claim_owner
+from atomforge.flows.hooks import stop_run_engines
+from atomforge.flows.models import (
     RunOptions,
     RunSummary,
     SimulationParameters,
     StructureResult,
     StructureSource,
 )
-from flows.paths import run_paths
-from flows.progress import RunProgress
-from flows.runner import parallel_slots
-from flows.settings import KeepWorkdir, get_settings
-from flows.store import save_result, save_run
-from flows.tasks import (
+from atomforge.flows.paths import run_paths
+from atomforge.flows.progress import RunProgress
+from atomforge.flows.runner import parallel_slots
+from atomforge.flows.settings import KeepWorkdir, get_settings
+from atomforge.flows.store import save_result, save_run
+from atomforge.flows.tasks import (
     Job,
     RunContext,
     engine_owner,
@@ -41,6 +37,9 @@ from flows.tasks import (
     run_engine,
     validate,
 )
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
+from prefect.logging import get_run_logger
 
 ENGINE_STOP_POLL_SECONDS = 0.1
 

@@ -6,10 +6,9 @@ import logging
 from typing import Any
 
 import dask
+from atomforge.flows.settings import Settings, get_settings
 from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
-
-from flows.settings import Settings, get_settings
 
 logging.getLogger("distributed").setLevel(logging.WARNING)
 
@@ -61,7 +60,7 @@ def parallel_slots(task_runner: TaskRunner | None, settings: Settings) -> int:
 
 def simulation_flow_options() -> dict[str, Any]:
     """Return the options every atomforge flow shares: Dask runner, stop hooks, JSON results."""
-    from flows.hooks import stop_engines
+    from atomforge.flows.hooks import stop_engines
 
     return {
         "task_runner": dask_task_runner(),

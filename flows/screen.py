@@ -1,16 +1,13 @@
 """The ``screen`` flow: many structures through the same four steps, ranked at the end.
 
-``async`` for the reason given in :mod:`flows.simulate`: ``asyncio.run(screen(...))``.
+``async`` for the reason given in :mod:`atomforge.flows.simulate`: ``asyncio.run(screen(...))``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from prefect import flow
-from pydantic import BaseModel, Field
-
-from flows.models import (
+from atomforge.flows.models import (
     DEFAULT_OPTIONS,
     DEFAULT_PARAMETERS,
     RunOptions,
@@ -18,8 +15,10 @@ from flows.models import (
     StructureResult,
     StructureSource,
 )
-from flows.pipeline import run_structures
-from flows.runner import simulation_flow_options
+from atomforge.flows.pipeline import run_structures
+from atomforge.flows.runner import simulation_flow_options
+from prefect import flow
+from pydantic import BaseModel, Field
 
 RankKey = Literal["energy_per_atom", "energy", "gap"]
 
@@ -50,7 +49,7 @@ class ScreenReport(BaseModel):
 
     It holds one line per structure, not the whole documents: a screen of hundreds
     would otherwise store every structure and force twice, once more in Prefect's copy
-    of the flow's result. ``flows.store.iter_results(root, flow_run_id)`` reads them all.
+    of the flow's result. ``atomforge.flows.store.iter_results(root, flow_run_id)`` reads them all.
     """
 
     flow_run_id: str

@@ -8,10 +8,8 @@ engine does not wait for it.
 
 from __future__ import annotations
 
-from prefect import flow
-
-from engines.errors import EngineError, InputError
-from flows.models import (
+from atomforge.engines.errors import EngineError, InputError
+from atomforge.flows.models import (
     DEFAULT_OPTIONS,
     DEFAULT_PARAMETERS,
     RunOptions,
@@ -19,8 +17,9 @@ from flows.models import (
     StructureResult,
     StructureSource,
 )
-from flows.pipeline import run_structures
-from flows.runner import simulation_flow_options
+from atomforge.flows.pipeline import run_structures
+from atomforge.flows.runner import simulation_flow_options
+from prefect import flow
 
 
 @flow(name="simulate", **simulation_flow_options())

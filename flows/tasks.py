@@ -22,28 +22,27 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
-from prefect.logging.handlers import APILogHandler
-from prefect.logging.loggers import PrefectLogAdapter
-from prefect.tasks import exponential_backoff
-
-from engines import get_engine
-from engines.base import Engine, JobStatus
-from engines.errors import EngineError, InputError, RunStopped
-from engines.structures import (
+from atomforge.engines import get_engine
+from atomforge.engines.base import Engine, JobStatus
+from atomforge.engines.errors import EngineError, InputError, RunStopped
+from atomforge.engines.structures import (
     NamedStructure,
     check_electrons,
     check_geometry,
     read_structures,
     to_extxyz,
 )
-from flows.claims import CLAIM_FILE, claimed_directories
-from flows.models import SimulationParameters, StructureResult, StructureSource
-from flows.paths import RunPaths
-from flows.settings import get_settings
-from flows.store import save_result
+from atomforge.flows.claims import CLAIM_FILE, claimed_directories
+from atomforge.flows.models import SimulationParameters, StructureResult, StructureSource
+from atomforge.flows.paths import RunPaths
+from atomforge.flows.settings import get_settings
+from atomforge.flows.store import save_result
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.logging.handlers import APILogHandler
+from prefect.logging.loggers import PrefectLogAdapter
+from prefect.tasks import exponential_backoff
 
 _settings = get_settings()
 
@@ -294,7 +293,7 @@ def run_engine(
     """Run the engine on chunk ``index`` of the prepared directories; return those it ran.
 
     An engine that takes its directories one at a time then takes over the structures of
-    other chunks that no task has started (see :mod:`flows.claims`). Each directory it
+    other chunks that no task has started (see :mod:`atomforge.flows.claims`). Each directory it
     ran holds a ``status.json`` saying how it ended. This is the step that goes to a Dask
     worker: it takes only paths, so nothing heavy is serialized, and the working
     directories must be on a file system the flow shares.

@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import psutil
+from atomforge.flows.settings import get_settings
 
-from flows.settings import get_settings
 from tests.conftest import REPO, water_cluster_xyz
 
 FLOW_SCRIPT = """
 import asyncio
 import sys
-from flows.models import SimulationParameters, StructureSource
-from flows.simulate import simulate
+from atomforge.flows.models import SimulationParameters, StructureSource
+from atomforge.flows.simulate import simulate
 
 if __name__ == "__main__":
     asyncio.run(simulate(StructureSource(path=sys.argv[1]), SimulationParameters(engine="xtb")))
@@ -80,7 +80,7 @@ def test_sigterm_to_the_flow_kills_the_engine_tree_and_marks_the_run_crashed(tmp
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(record["flow_run_id"]).state
     assert state.is_crashed()
-    from flows.store import load_run
+    from atomforge.flows.store import load_run
 
     run = load_run(get_settings().resolved_results_root(), record["flow_run_id"])
     assert run.state == "Crashed"

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from atomforge.flows.models import SimulationParameters, StructureSource
+from atomforge.flows.runner import dask_task_runner
+from atomforge.flows.screen import screen
+from atomforge.flows.settings import Settings
 from distributed import Client
 
-from flows.models import SimulationParameters, StructureSource
-from flows.runner import dask_task_runner
-from flows.screen import screen
-from flows.settings import Settings
 from tests.conftest import REPO
 
 DASK = str(Path(sys.executable).with_name("dask"))
@@ -73,8 +73,7 @@ def scheduler_address():
 
 def test_screen_runs_on_an_existing_dask_scheduler(scheduler_address):
     from ase.build import molecule
-
-    from engines.structures import to_extxyz
+    from atomforge.engines.structures import to_extxyz
 
     text = "".join(to_extxyz(molecule(n)) for n in ("H2O", "NH3", "CH4", "HF"))
     runner = dask_task_runner(Settings(dask_address=scheduler_address))

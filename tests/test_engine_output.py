@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engines.process import LineSplitter, run_process
+from atomforge.engines.process import LineSplitter, run_process
 
 
 def test_line_splitter_passes_whole_lines_from_arbitrary_blocks():

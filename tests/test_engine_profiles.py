@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engines.ase_engine import AseRunnerProfile
-from engines.xtb import XtbProfile
+from atomforge.engines.ase_engine import AseRunnerProfile
+from atomforge.engines.xtb import XtbProfile
 
 
 def test_engine_processes_default_to_one_openmp_thread():

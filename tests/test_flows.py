@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 from ase.build import molecule
 from ase.io import write
+from atomforge.flows.models import RunOptions, SimulationParameters, StructureSource
+from atomforge.flows.screen import screen
+from atomforge.flows.settings import get_settings
+from atomforge.flows.simulate import simulate
+from atomforge.flows.store import iter_results, load_run, query_results
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -16,12 +21,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
-
-from flows.models import RunOptions, SimulationParameters, StructureSource
-from flows.screen import screen
-from flows.settings import get_settings
-from flows.simulate import simulate
-from flows.store import iter_results, load_run, query_results
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -116,12 +115,13 @@ def test_engine_output_beyond_the_cap_keeps_its_latest_lines(monkeypatch, water_
 
 
 def test_parse_takes_completed_structures_of_every_chunk_while_the_engines_still_run(tmp_path):
-    from engines import get_engine
-    from engines.base import JobStatus
-    from engines.structures import NamedStructure, read_structures
-    from flows.paths import run_paths
-    from flows.settings import Settings
-    from flows.tasks import RunContext, parse_results, plan_jobs, prepare_inputs
+    from atomforge.engines import get_engine
+    from atomforge.engines.base import JobStatus
+    from atomforge.engines.structures import NamedStructure, read_structures
+    from atomforge.flows.paths import run_paths
+    from atomforge.flows.settings import Settings
+    from atomforge.flows.tasks import RunContext, parse_results, plan_jobs, prepare_inputs
+
     from tests.conftest import WATER_XYZ
 
     settings = Settings(home=tmp_path)

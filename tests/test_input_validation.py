@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from atomforge.engines.errors import InputError
+from atomforge.flows.models import RunOptions, SimulationParameters, StructureSource
+from atomforge.flows.paths import run_paths
+from atomforge.flows.settings import Settings
+from atomforge.flows.tasks import check_inputs
 from pydantic import ValidationError
-
-from engines.errors import InputError
-from flows.models import RunOptions, SimulationParameters, StructureSource
-from flows.paths import run_paths
-from flows.settings import Settings
-from flows.tasks import check_inputs
 
 
 def _check(tmp_path: Path, text: str, suffix: str = ".xyz", **params) -> None:
@@ -42,8 +41,7 @@ def test_bad_structure_files_give_one_line_errors(tmp_path, text, message):
 
 def test_overlap_across_a_periodic_boundary_is_found():
     from ase.build import bulk
-
-    from engines.structures import check_geometry
+    from atomforge.engines.structures import check_geometry
 
     cell = bulk("Cu", "fcc", a=3.6, cubic=True)
     cell.positions[1] = cell.positions[0] - [0.1, 0.0, 0.0]
@@ -55,8 +53,7 @@ def test_overlap_across_a_periodic_boundary_is_found():
 def test_overlap_in_a_large_molecule_is_found():
     import numpy as np
     from ase import Atoms
-
-    from engines.structures import DIRECT_DISTANCES_MAX_ATOMS, check_geometry
+    from atomforge.engines.structures import DIRECT_DISTANCES_MAX_ATOMS, check_geometry
 
     n = DIRECT_DISTANCES_MAX_ATOMS + 10
     grid = np.array([(x, y, z) for x in range(10) for y in range(10) for z in range(6)])[:n]
@@ -97,7 +94,7 @@ def test_possible_radical_is_accepted(tmp_path):
 def test_unknown_engine_is_refused(tmp_path):
     with pytest.raises(ValidationError):
         SimulationParameters(engine="gaussian")
-    from engines import get_engine
+    from atomforge.engines import get_engine
 
     with pytest.raises(InputError, match=r"unknown engine 'gaussian' \(available: emt, tblite"):
         get_engine("gaussian")

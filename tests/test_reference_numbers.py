@@ -16,10 +16,10 @@ import pytest
 from ase.build import bulk, molecule
 from ase.io import read
 from ase.io.turbomole import read_turbomole_gradient
+from atomforge.engines.structures import to_extxyz
+from atomforge.flows.models import SimulationParameters, StructureSource
+from atomforge.flows.simulate import simulate
 
-from engines.structures import to_extxyz
-from flows.models import SimulationParameters, StructureSource
-from flows.simulate import simulate
 from tests.conftest import WATER_XYZ
 
 WATER_OPT_HARTREE = -5.070544

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+from atomforge.engines.errors import EngineError, InputError, RunStopped
+from atomforge.flows.models import SimulationParameters, StructureSource
+from atomforge.flows.simulate import simulate
+from atomforge.flows.tasks import is_worth_retrying
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Failed
 
-from engines.errors import EngineError, InputError, RunStopped
-from flows.models import SimulationParameters, StructureSource
-from flows.simulate import simulate
-from flows.tasks import is_worth_retrying
 from tests.conftest import use_xtb_wrapper
 
 KILLED_ONCE = """#!/bin/sh

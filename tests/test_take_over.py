@@ -7,13 +7,13 @@ from pathlib import Path
 
 from ase.build import molecule
 from ase.io import write
+from atomforge.flows.claims import claim, claim_owner, claimed_directories
+from atomforge.flows.models import SimulationParameters, StructureSource
+from atomforge.flows.screen import screen
+from atomforge.flows.settings import get_settings
+from atomforge.flows.store import iter_results
+from atomforge.flows.tasks import engine_owner
 
-from flows.claims import claim, claim_owner, claimed_directories
-from flows.models import SimulationParameters, StructureSource
-from flows.screen import screen
-from flows.settings import get_settings
-from flows.store import iter_results
-from flows.tasks import engine_owner
 from tests.conftest import use_xtb_wrapper
 
 LATE_FOR_SOME = """#!/bin/sh
