@@ -87,7 +87,7 @@ def main() -> None:
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
 
     from atomforge.engines.structures import to_extxyz
-    from atomforge.flows.models import SimulationParameters, StructureSource
+    from atomforge.flows.models import StructureSource, make_parameters
     from atomforge.flows.screen import screen
     from atomforge.flows.simulate import simulate
 
@@ -97,7 +97,7 @@ def main() -> None:
     for name, atoms in molecules:
         write(folder / f"{name}.xyz", atoms, format="xyz")
         jobs.append((name, (folder / f"{name}.xyz").read_text()))
-    params = SimulationParameters(engine=args.engine)
+    params = make_parameters(engine=args.engine)
     bare_job = bare_xtb if args.engine == "xtb" else bare_tblite
 
     asyncio.run(simulate(StructureSource(text=to_extxyz(g2["H2O"])), params))  # warm-up

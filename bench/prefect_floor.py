@@ -26,9 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
 
-    from atomforge.flows.runner import dask_task_runner
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
+
+    from atomforge.flows.runner import dask_task_runner
 
     @task(cache_policy=NO_CACHE, persist_result=False)
     async def in_flow_step(value: int) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from prefect import serve
+
 from atomforge.flows.screen import screen
 from atomforge.flows.simulate import simulate
-from prefect import serve
 
 
 def main() -> None:

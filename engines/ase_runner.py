@@ -1,7 +1,8 @@
 """Run ASE-calculator jobs prepared by :class:`atomforge.engines.ase_engine.AseEngine`.
 
 Usage: ``python -m atomforge.engines.ase_runner DIR [DIR ...]``. Each directory gets a
-``status.json``; results go to ``final.extxyz`` and ``results.json``, and an
+``runner-status.json`` (the run loop diagnoses it and writes ``status.json``); results
+go to ``final.extxyz`` and ``results.json``, and an
 optimization's path, one frame a step with energy and forces, to ``opt.extxyz`` as it
 goes. A job past its ``timeout_seconds`` is interrupted and marked ``timeout``; the next
 job still runs.
@@ -23,10 +24,12 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.filters import FrechetCellFilter
 from ase.io import read, write
 from ase.optimize import BFGS
-from atomforge.engines import get_engine
-from atomforge.engines.ase_engine import DONE_MARKER, FINAL_FILE, INPUT_FILE, JOB_FILE, RESULTS_FILE
-from atomforge.engines.base import JobStatus
-from atomforge.engines.parameters import CalculationKind, CalculationParameters
+
+from atomforge.engines.ase_engine import FINAL_FILE, INPUT_FILE, JOB_FILE, RESULTS_FILE
+from atomforge.engines.base import DONE_MARKER
+from atomforge.engines.parameters import CalculationKind
+from atomforge.engines.registry import get_engine, parse_parameters
+from atomforge.engines.status import RUNNER_STATUS_FILE, JobStatus, Status
 
 TRAJECTORY_FILE = "opt.extxyz"
 TRAJECTORY_PROPERTIES = ("energy", "free_energy", "forces", "stress")
@@ -63,8 +66,8 @@ def _frame_writer(atoms: Atoms, trajectory: TextIO) -> Callable[[], None]:
 def compute(directory: Path) -> dict:
     """Run the job in ``directory`` and return its results summary."""
     job = json.loads((directory / JOB_FILE).read_text())
-    params = CalculationParameters.model_validate(job["parameters"])
-    engine = get_engine(job["engine"])
+    params = parse_parameters(job["parameters"])
+    engine = get_engine(params.engine)
     atoms = read(directory / INPUT_FILE, format="extxyz")
     atoms.calc = engine.make_calculator(params)
     converged = None
@@ -79,13 +82,14 @@ def compute(directory: Path) -> dict:
     energy = atoms.get_potential_energy()
     if params.forces:
         atoms.get_forces()
+    if atoms.pbc.all() and "stress" in atoms.calc.implemented_properties:
+        atoms.get_stress()
     extras = engine.extra_properties(atoms.calc)
     write(directory / FINAL_FILE, atoms, format="extxyz")
     return {
         "energy": energy,
         "converged": converged,
         "n_steps": n_steps,
-        "energy_hartree": extras.pop("energy_hartree", None),
         "gap": extras.pop("gap", None),
         "properties": extras,
     }
@@ -98,19 +102,21 @@ def run_job(directory: Path) -> JobStatus:
     signal.setitimer(signal.ITIMER_REAL, float(params["timeout_seconds"]))
     try:
         summary = compute(directory)
-        status = JobStatus("completed", "", time.monotonic() - started, 0)
+        status = JobStatus(Status.completed, "", time.monotonic() - started, 0)
         (directory / RESULTS_FILE).write_text(json.dumps(summary))
     except JobTimeout:
-        status = JobStatus("timeout", "engine exceeded its time limit", time.monotonic() - started)
+        status = JobStatus(
+            Status.timeout, "engine exceeded its time limit", time.monotonic() - started
+        )
     except Exception as exc:
         traceback.print_exc(file=sys.stdout)
         message = (
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         )
-        status = JobStatus("failed", message, time.monotonic() - started, 1)
+        status = JobStatus(Status.failed, message, time.monotonic() - started, 1)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    status.write(directory)
+    status.write(directory, RUNNER_STATUS_FILE)
     return status
 
 

@@ -1,38 +1,58 @@
-"""The engine adapter contract: one method for each of the four flow steps.
+"""The engine contract: what an engine writes, how it is launched, and how its output is read.
 
-An engine follows ASE's file-IO calculators: ``write_inputs`` (template), ``execute``
-(profile: how to launch the program) and ``read_results`` (template). ``check`` holds the
-engine's own input rules, run before anything is written.
+An engine is a template in the sense of ASE's file-IO calculators: :meth:`Engine.write_inputs`
+writes a working directory, :meth:`Engine.command` says how to launch the program there,
+:meth:`Engine.read_results` reads what it left, and :meth:`Engine.diagnose` classifies a
+failure so that one of the engine's :class:`Handler` objects can correct it. One loop runs
+them all (:mod:`atomforge.engines.runloop`): no engine writes its own.
 """
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from ase import Atoms
-from atomforge.engines.errors import EngineError, InputError, RunStopped
-from atomforge.engines.parameters import CalculationKind, CalculationParameters
-from atomforge.engines.process import ProcessOutcome
+from pydantic import BaseModel, ConfigDict
 
-STATUS_FILE = "status.json"
-OutputSink = Callable[[str], None]
-"""Takes engine output text as it arrives: blocks of any size, not necessarily whole lines."""
+from atomforge.engines.errors import InputError
+from atomforge.engines.parameters import CalculationKind, CalculationParameters
+from atomforge.engines.status import JobStatus
+
+STRUCTURE_FILE = "structure.extxyz"
+"""The input structure of a job, written into its directory before the engine's own inputs."""
+DONE_MARKER = "atomforge-job-done "
+"""A batch runner prints this plus a directory when it has written that directory's status."""
+
+
+class EngineOptions(BaseModel):
+    """Options of one engine (the Prefect UI renders each engine's own subclass)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Command:
+    """How to launch an engine: the program and its arguments, and extra environment."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class EngineResults:
-    """What an engine computed for one structure (ASE units: eV, A)."""
+    """What an engine computed for one structure, in ASE units (eV, Å, eV/Å³)."""
 
     energy: float
     atoms: Atoms
     forces: np.ndarray | None = None
-    energy_hartree: float | None = None
+    stress: np.ndarray | None = None
+    magmoms: np.ndarray | None = None
+    magmom: float | None = None
+    fermi_level: float | None = None
     gap: float | None = None
     converged: bool | None = None
     n_steps: int | None = None
@@ -40,32 +60,52 @@ class EngineResults:
 
 
 @dataclass
-class JobStatus:
-    """How running one structure ended, as written to ``status.json`` in its directory."""
+class Problem:
+    """A failure an engine recognised in its output: a code handlers match, and one line."""
 
-    status: str
-    message: str = ""
-    wall_seconds: float = 0.0
-    returncode: int | None = None
+    code: str
+    message: str
 
-    @property
-    def completed(self) -> bool:
-        """Return True when the engine finished this structure normally."""
-        return self.status == "completed"
 
-    def write(self, directory: Path) -> None:
-        """Write this status into ``directory`` atomically."""
-        tmp = directory / f".{STATUS_FILE}.tmp"
-        tmp.write_text(json.dumps(self.__dict__))
-        tmp.replace(directory / STATUS_FILE)
+@dataclass
+class Correction:
+    """What a handler changes before the engine runs again.
 
-    @classmethod
-    def read(cls, directory: Path) -> JobStatus | None:
-        """Return the status stored in ``directory``, or None if the job never ended."""
-        path = directory / STATUS_FILE
-        if not path.exists():
+    ``options`` are replaced in the job's engine options; ``atoms``, when given, is the
+    new starting structure (for example the last geometry of an optimization).
+    """
+
+    action: str
+    options: dict[str, Any] = field(default_factory=dict)
+    atoms: Atoms | None = None
+
+
+class Handler(ABC):
+    """Fixes one kind of :class:`Problem` (custodian's check/correct, AiiDA's handlers)."""
+
+    fixes: ClassVar[str]
+    """The :attr:`Problem.code` this handler corrects."""
+
+    @abstractmethod
+    def correct(
+        self, engine: Engine, directory: Path, params: CalculationParameters, problem: Problem
+    ) -> Correction | None:
+        """Return the change to make before the next attempt, or None if there is none."""
+
+
+class ContinueOptimization(Handler):
+    """An optimization ran out of steps: continue from its last geometry."""
+
+    fixes = "optimization_not_converged"
+
+    def correct(
+        self, engine: Engine, directory: Path, params: CalculationParameters, problem: Problem
+    ) -> Correction | None:
+        """Return a restart from the last geometry the engine wrote."""
+        atoms = engine.last_geometry(directory, params)
+        if atoms is None:
             return None
-        return cls(**json.loads(path.read_text()))
+        return Correction("continue from the last geometry", atoms=atoms)
 
 
 class Engine(ABC):
@@ -73,111 +113,74 @@ class Engine(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    requires: ClassVar[str] = ""
+    """What must be installed for this engine, in words (``atomforge engines`` shows it)."""
+    options_model: ClassVar[type[EngineOptions]] = EngineOptions
+    kinds: ClassVar[frozenset[CalculationKind]] = frozenset(
+        {CalculationKind.singlepoint, CalculationKind.optimize}
+    )
     supports_periodic: ClassVar[bool] = True
     supports_molecules: ClassVar[bool] = True
     supports_charge: ClassVar[bool] = True
     supports_cell_relaxation: ClassVar[bool] = False
-    known_options: ClassVar[frozenset[str]] = frozenset()
-    runs_one_at_a_time: ClassVar[bool] = False
-    """True if :meth:`execute` takes each directory only when it is about to run it, so a
-    run may hand it a lazy sequence that grows by taking over other tasks' structures."""
+    handlers: ClassVar[tuple[Handler, ...]] = ()
+    batch: ClassVar[bool] = False
+    """True if one process computes a whole chunk: :meth:`command` then gets every
+    directory and prints :data:`DONE_MARKER` lines; otherwise one process per directory,
+    each taken just before it runs (so a task may take over other chunks' structures)."""
+    log_name: ClassVar[str] = "engine.log"
 
     def check(self, atoms: Atoms, params: CalculationParameters) -> None:
         """Raise :class:`InputError` if this engine cannot compute ``atoms`` with ``params``."""
-        unknown = sorted(set(params.options) - self.known_options)
-        if unknown:
-            known = ", ".join(sorted(self.known_options)) or "none"
-            raise InputError(
-                f"engine {self.name!r} does not know option(s) {', '.join(unknown)}"
-                f" (known: {known})"
-            )
         periodic = bool(atoms.pbc.any())
+        if params.kind not in self.kinds:
+            known = ", ".join(sorted(kind.value for kind in self.kinds))
+            raise InputError(f"{self.name}: no kind {params.kind.value!r} (has: {known})")
         if periodic and not self.supports_periodic:
-            raise InputError(f"engine {self.name!r} cannot compute periodic structures")
+            raise InputError(f"{self.name}: cannot compute periodic structures")
         if not periodic and not self.supports_molecules:
-            raise InputError(f"engine {self.name!r} needs a periodic cell")
+            raise InputError(f"{self.name}: needs a periodic cell (this structure has none)")
         if not self.supports_charge and (params.charge != 0 or params.multiplicity != 1):
-            raise InputError(
-                f"engine {self.name!r} has no charge or spin: use charge 0, multiplicity 1"
-            )
+            raise InputError(f"{self.name}: has no charge or spin: use charge 0, multiplicity 1")
         if params.relax_cell and not self.supports_cell_relaxation:
-            raise InputError(f"engine {self.name!r} cannot relax the cell")
+            raise InputError(f"{self.name}: cannot relax the cell")
         if params.relax_cell and (not periodic or params.kind is not CalculationKind.optimize):
             raise InputError("relax_cell needs a periodic structure and kind 'optimize'")
+
+    def check_installed(self, params: CalculationParameters) -> None:
+        """Raise :class:`InputError` naming what is missing to run this engine here.
+
+        The default finds nothing missing: engines with a program or resource files to
+        look for say so.
+        """
+        return None
 
     @abstractmethod
     def write_inputs(self, atoms: Atoms, params: CalculationParameters, directory: Path) -> None:
         """Write everything the engine needs to compute ``atoms`` into ``directory``."""
 
     @abstractmethod
-    def execute(
-        self,
-        directories: Iterable[Path],
-        params: CalculationParameters,
-        *,
-        pid_dir: Path,
-        stop_file: Path,
-        log: OutputSink,
-        on_done: Callable[[Path, JobStatus], None],
-    ) -> None:
-        """Run the engine in each prepared directory, in order, writing a :class:`JobStatus`.
-
-        Engine processes record themselves in ``pid_dir`` and stop when ``stop_file`` appears.
-        Their output goes to ``log`` as it arrives; ``on_done`` is called after each
-        directory finishes.
-        """
+    def command(self, params: CalculationParameters, directories: list[Path]) -> Command:
+        """Return how to launch the engine on ``directories`` (one unless :attr:`batch`)."""
 
     @abstractmethod
     def read_results(self, directory: Path, params: CalculationParameters) -> EngineResults:
         """Return the results the engine left in ``directory``."""
 
+    def diagnose(
+        self, directory: Path, params: CalculationParameters, status: JobStatus
+    ) -> Problem | None:
+        """Return the problem in a finished job's output, or None if there is none.
+
+        Called for jobs whose process ended by itself, completed or failed: an engine that
+        exits 0 with an unusable result is caught here.
+        """
+        return None
+
+    def last_geometry(self, directory: Path, params: CalculationParameters) -> Atoms | None:
+        """Return the last geometry an optimization reached, or None."""
+        return self.read_results(directory, params).atoms
+
     @abstractmethod
     def version(self) -> str:
         """Return the engine's version string."""
-
-
-OUTSIDE_KILL_SIGNALS = frozenset({-9, -15, -1})
-
-
-def status_from_exit(outcome: ProcessOutcome, log_path: Path) -> JobStatus:
-    """Return the :class:`JobStatus` of a finished engine process.
-
-    A process killed from outside (SIGKILL, SIGTERM, SIGHUP: the OOM killer, a preempted
-    node) ends as ``crashed``, the one status worth retrying.
-    """
-    code = outcome.returncode
-    if outcome.stopped:
-        return JobStatus("stopped", "run was stopped", outcome.wall_seconds, code)
-    if outcome.timed_out:
-        return JobStatus("timeout", "engine exceeded its time limit", outcome.wall_seconds, code)
-    if code == 0:
-        return JobStatus("completed", "", outcome.wall_seconds, code)
-    if code in OUTSIDE_KILL_SIGNALS:
-        return JobStatus("crashed", f"engine killed by signal {-code}", outcome.wall_seconds, code)
-    return JobStatus("failed", error_summary(log_path, code), outcome.wall_seconds, code)
-
-
-def error_summary(log_path: Path, returncode: int) -> str:
-    """Return one line describing why an engine failed, taken from its log."""
-    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-    errors = [
-        line.strip(" #-*")
-        for line in lines
-        if "error" in line.lower() or "not converge" in line.lower()
-    ]
-    detail = "; ".join(dict.fromkeys(e for e in errors[-3:] if e))
-    reason = f"exit code {returncode}" if returncode > 0 else f"signal {-returncode}"
-    return f"engine failed ({reason}){': ' + detail if detail else ''}"
-
-
-def raise_for_crashes(statuses: Sequence[JobStatus | None], engine: str) -> None:
-    """Raise the right error for statuses that end the whole step.
-
-    A stopped run raises :class:`RunStopped`; processes killed from outside raise a
-    retryable :class:`EngineError` (completed jobs are kept and skipped on the retry).
-    """
-    if any(s is not None and s.status == "stopped" for s in statuses):
-        raise RunStopped(f"{engine}: run was stopped")
-    crashed = [s for s in statuses if s is not None and s.status == "crashed"]
-    if crashed:
-        raise EngineError(f"{engine}: {crashed[0].message}", retryable=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ase
 from ase import Atoms
 from ase.calculators.emt import EMT, parameters
+
 from atomforge.engines.ase_engine import AseEngine
 from atomforge.engines.errors import InputError
 from atomforge.engines.parameters import CalculationParameters
@@ -15,8 +16,8 @@ class EmtEngine(AseEngine):
 
     name = "emt"
     description = "ASE effective-medium theory (fcc metals); no charge or spin"
+    requires = "nothing beyond ASE"
     supports_charge = False
-    supports_cell_relaxation = True
 
     def check(self, atoms: Atoms, params: CalculationParameters) -> None:
         """Raise InputError for elements EMT has no parameters for (see :meth:`Engine.check`)."""

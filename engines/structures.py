@@ -16,6 +16,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from ase.io import read, write
 from ase.neighborlist import neighbor_list
+
 from atomforge.engines.errors import InputError
 
 STRUCTURE_SUFFIXES = frozenset({".xyz", ".extxyz", ".cif", ".vasp", ".pdb", ".traj", ".json"})

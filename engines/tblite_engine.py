@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.units import Hartree
+from pydantic import Field
+
 from atomforge.engines.ase_engine import AseEngine
+from atomforge.engines.base import EngineOptions
 from atomforge.engines.errors import InputError
 from atomforge.engines.parameters import CalculationParameters
 
-METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
+
+class TbliteOptions(EngineOptions):
+    """Options of tblite's ASE calculator."""
+
+    method: Literal["GFN2-xTB", "GFN1-xTB", "IPEA1-xTB"] = Field(
+        "GFN2-xTB", description="Tight-binding Hamiltonian."
+    )
+    accuracy: float = Field(1.0, gt=0, description="Numerical accuracy multiplier.")
+    electronic_temperature: float = Field(
+        300.0, gt=0, description="Electronic temperature in K for Fermi smearing."
+    )
+    max_iterations: int = Field(250, ge=1, description="Most SCC iterations.")
 
 
 def homo_lumo_gap(orbital_energies: np.ndarray, occupations: np.ndarray) -> float | None:
@@ -30,14 +44,12 @@ class TbliteEngine(AseEngine):
 
     name = "tblite"
     description = "tblite library (GFN2-xTB default) through its ASE calculator"
-    known_options = frozenset({"method", "accuracy", "electronic_temperature", "max_iterations"})
+    requires = "the tblite Python package (installed with atomforge)"
+    options_model = TbliteOptions
 
     def check(self, atoms: Atoms, params: CalculationParameters) -> None:
-        """Raise InputError for unknown methods or uncovered elements (see ``Engine.check``)."""
+        """Raise InputError for uncovered elements (see :meth:`Engine.check`)."""
         super().check(atoms, params)
-        method = str(params.options.get("method", "GFN2-xTB"))
-        if method not in METHODS:
-            raise InputError(f"tblite: unknown method {method!r} (known: {', '.join(METHODS)})")
         if (atoms.numbers > 86).any():
             raise InputError("tblite: elements beyond radon are not covered by GFN-xTB")
 
@@ -45,22 +57,21 @@ class TbliteEngine(AseEngine):
         """Return a tblite calculator for the charge, multiplicity and options in ``params``."""
         from tblite.ase import TBLite
 
-        opts = params.options
+        opts: TbliteOptions = params.options
         return TBLite(
-            method=str(opts.get("method", "GFN2-xTB")),
+            method=opts.method,
             charge=params.charge,
             multiplicity=params.multiplicity,
-            accuracy=float(opts.get("accuracy", 1.0)),
-            electronic_temperature=float(opts.get("electronic_temperature", 300.0)),
-            max_iterations=int(opts.get("max_iterations", 250)),
+            accuracy=opts.accuracy,
+            electronic_temperature=opts.electronic_temperature,
+            max_iterations=opts.max_iterations,
             verbosity=0,
         )
 
     def extra_properties(self, calc: Calculator) -> dict[str, Any]:
-        """Return the energy in Hartree, the HOMO-LUMO gap, charges and dipole."""
+        """Return the HOMO-LUMO gap, charges and dipole."""
         res = calc._res
         return {
-            "energy_hartree": float(res["energy"]),
             "gap": homo_lumo_gap(res["orbital-energies"], res["orbital-occupations"]),
             "partial_charges": calc.results["charges"].tolist(),
             "dipole_eA": calc.results["dipole"].tolist(),

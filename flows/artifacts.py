@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from atomforge.flows.models import StructureResult
 from prefect.artifacts import (
     acreate_link_artifact,
     acreate_markdown_artifact,
     acreate_table_artifact,
 )
+
+from atomforge.flows.models import StructureResult
 
 
 def _fmt(value: float | None, digits: int) -> str:

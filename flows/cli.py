@@ -14,18 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atomforge.engines import engine_names, get_engine
+from pydantic import ValidationError
+
+from atomforge.engines import engine_names, parse_parameters
 from atomforge.engines.errors import AtomforgeError, InputError
-from atomforge.flows.models import (
-    RunOptions,
-    SimulationParameters,
-    StructureResult,
-    StructureSource,
-)
+from atomforge.engines.parameters import CalculationKind, CalculationParameters
+from atomforge.engines.registry import validation_line
+from atomforge.flows.models import RunOptions, StructureResult, StructureSource
 from atomforge.flows.paths import run_paths
 from atomforge.flows.settings import get_settings
-from atomforge.flows.store import iter_runs, query_results, result_path
-from pydantic import ValidationError
+from atomforge.flows.store import iter_results, iter_runs, query_results, result_path
 
 if TYPE_CHECKING:
     from atomforge.flows.screen import RankedStructure
@@ -49,22 +47,38 @@ def _option(text: str) -> tuple[str, str | int | float | bool]:
     return key, raw
 
 
-def _pydantic_line(exc: ValidationError) -> str:
-    """Return the first problem of a pydantic error as one line."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "input"
-    return f"{where}: {err['msg']}"
+def _options(pairs: list[str]) -> dict[str, object]:
+    """Return ``-o key=value`` pairs as options; a dotted key (``input.system.nbnd``) nests."""
+    options: dict[str, object] = {}
+    for text in pairs:
+        key, value = _option(text)
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise InputError(f"option {key!r} nests under a plain option")
+        target[leaf] = value
+    return options
 
 
 def _add_calculation_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options shared by ``run`` and ``screen``."""
     parser.add_argument("--engine", default="xtb", help=f"one of {', '.join(engine_names())}")
-    parser.add_argument("--kind", default="optimize", choices=["singlepoint", "optimize"])
+    parser.add_argument(
+        "--kind", default="optimize", choices=[kind.value for kind in CalculationKind]
+    )
     parser.add_argument("--charge", default="0")
     parser.add_argument("--multiplicity", default="1")
     parser.add_argument("--fmax", default=None, help="force threshold, eV/A (ASE engines)")
     parser.add_argument("--max-steps", default=None)
     parser.add_argument("--timeout", default=None, help="seconds per structure")
+    parser.add_argument(
+        "--cores", default=None, help="cores per structure: MPI ranks or OpenMP threads"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the result documents as JSON lines only"
+    )
     parser.add_argument("--relax-cell", action="store_true")
     parser.add_argument("--no-forces", action="store_true")
     parser.add_argument("--format", default=None, help="ASE format of the structure file(s)")
@@ -72,9 +86,10 @@ def _add_calculation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", default=None, help="folder under the work root")
 
 
-def _parameters(args: argparse.Namespace) -> SimulationParameters:
+def _parameters(args: argparse.Namespace) -> CalculationParameters:
     """Return validated simulation parameters from the command line."""
     fields = {
+        "cores": args.cores,
         "engine": args.engine,
         "kind": args.kind,
         "charge": args.charge,
@@ -84,10 +99,9 @@ def _parameters(args: argparse.Namespace) -> SimulationParameters:
         "timeout_seconds": args.timeout,
         "relax_cell": args.relax_cell,
         "forces": not args.no_forces,
-        "options": dict(_option(o) for o in args.option),
+        "options": _options(args.option),
     }
-    get_engine(args.engine)
-    return SimulationParameters.model_validate({k: v for k, v in fields.items() if v is not None})
+    return parse_parameters({k: v for k, v in fields.items() if v is not None})
 
 
 def _source(args: argparse.Namespace) -> StructureSource:
@@ -114,6 +128,12 @@ def print_results(results: Sequence[StructureResult | RankedStructure]) -> None:
         )
 
 
+def print_json_lines(results: Sequence[StructureResult]) -> None:
+    """Print each result document as one line of JSON."""
+    for result in results:
+        print(result.model_dump_json())
+
+
 def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
     """Return source, parameters and options after checking them all (InputError if bad)."""
     from atomforge.flows.tasks import check_inputs
@@ -127,7 +147,7 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
             chunk_size=getattr(args, "chunk_size", None),
         )
     except ValidationError as exc:
-        raise InputError(_pydantic_line(exc)) from None
+        raise InputError(validation_line(exc)) from None
     run_paths(get_settings(), "check", options.run_dir)
     check_inputs(source, params, skip_invalid)
     return source, params, options
@@ -142,11 +162,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = query_results(
         get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
     )
-    print_results(results)
+    if args.json:
+        print_json_lines(results)
+    else:
+        print_results(results)
     if not state.is_completed():
         print(f"atomforge: error: {state.message}", file=sys.stderr)
         return EXIT_ENGINE_FAILED
-    print(f"result: {result_path(get_settings().resolved_results_root(), results[0])}")
+    if not args.json:
+        print(f"result: {result_path(get_settings().resolved_results_root(), results[0])}")
     return 0
 
 
@@ -160,6 +184,13 @@ def cmd_screen(args: argparse.Namespace) -> int:
         print(f"atomforge: error: {state.message}", file=sys.stderr)
         return EXIT_ENGINE_FAILED
     report = state.result()
+    if args.json:
+        stored = {
+            r.id: r
+            for r in iter_results(get_settings().resolved_results_root(), report.flow_run_id)
+        }
+        print_json_lines([stored[line.id] for line in report.results if line.id in stored])
+        return 0 if report.n_completed == report.n_structures else EXIT_ENGINE_FAILED
     print_results(report.results[: args.top])
     print(
         f"{report.n_completed} of {report.n_structures} completed; ranked by {report.rank_by};"
@@ -179,8 +210,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         name=args.name,
     )[: args.limit]
     if args.json:
-        for r in results:
-            print(r.model_dump_json())
+        print_json_lines(results)
     else:
         print_results(results)
     return 0

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ase.build import molecule
 from ase.io import write
+
 from atomforge.engines.structures import to_extxyz
-from atomforge.flows.models import RunOptions, SimulationParameters, StructureSource
+from atomforge.flows.models import RunOptions, StructureSource, make_parameters
 from atomforge.flows.settings import get_settings
 
 DEMO_MOLECULES = ("H2O", "NH3", "CH4", "CO2", "C2H4", "HCN")
@@ -29,14 +30,12 @@ def run_demo() -> int:
     from atomforge.flows.simulate import simulate
 
     water = StructureSource(text=to_extxyz(molecule("H2O")))
-    result = asyncio.run(simulate(water, SimulationParameters(engine="xtb"), RunOptions()))
+    result = asyncio.run(simulate(water, make_parameters(engine="xtb"), RunOptions()))
     print("\n== water, GFN2-xTB optimization (xtb)")
     print_results([result])
     print("   reference: -5.070544 Eh, gap 14.386 eV (xtb 6.5.1 / tblite 0.8.0)")
     folder = write_demo_set(get_settings().resolved_work_root() / "demo-molecules")
-    report = asyncio.run(
-        screen(StructureSource(path=str(folder)), SimulationParameters(engine="xtb"))
-    )
+    report = asyncio.run(screen(StructureSource(path=str(folder)), make_parameters(engine="xtb")))
     print(f"\n== screening of {len(DEMO_MOLECULES)} molecules, ranked by {report.rank_by}")
     print_results(report.results)
     print(f"\nresults stored under {get_settings().resolved_results_root()}")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timezone
 
+from prefect.logging import get_logger
+
 from atomforge.engines.process import kill_recorded
 from atomforge.flows.paths import RunPaths, run_paths
 from atomforge.flows.settings import KeepWorkdir, get_settings
 from atomforge.flows.store import load_run, save_run
-from prefect.logging import get_logger
 
 logger = get_logger("atomforge.hooks")
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import Any
 
-from atomforge.engines.parameters import CalculationParameters
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-EngineName = Literal["xtb", "tblite", "emt"]
+from atomforge.engines.registry import make_parameters, parameters_type
+from atomforge.engines.status import Status
+
+SimulationParameters = parameters_type()
+"""The parameters of a simulation: one model per engine, told apart by ``engine``.
+
+Build them with :func:`make_parameters`, e.g. ``make_parameters("xtb", kind="singlepoint")``.
+"""
 
 
 class StructureSource(BaseModel):
@@ -28,12 +34,6 @@ class StructureSource(BaseModel):
         if (self.path is None) == (self.text is None):
             raise ValueError("give exactly one of 'path' or 'text'")
         return self
-
-
-class SimulationParameters(CalculationParameters):
-    """The engine to use plus how to compute each structure."""
-
-    engine: EngineName = Field("xtb", description="Engine: xtb, tblite or emt.")
 
 
 class RunOptions(BaseModel):
@@ -74,7 +74,7 @@ class StructureResult(BaseModel):
     flow_name: str
     index: int
     name: str
-    status: str
+    status: Status
     message: str = ""
     engine: str
     engine_version: str = ""
@@ -86,11 +86,22 @@ class StructureResult(BaseModel):
     energy_hartree: float | None = None
     energy_per_atom_eV: float | None = None
     gap_eV: float | None = None
+    fermi_level_eV: float | None = None
     max_force_eV_per_A: float | None = None
+    stress_eV_per_A3: list[float] | None = Field(
+        None, description="Stress in Voigt order xx, yy, zz, yz, xz, xy (ASE's sign convention)."
+    )
+    pressure_GPa: float | None = None
+    magnetic_moment: float | None = Field(None, description="Total magnetic moment (μB).")
+    magnetic_moments: list[float] | None = Field(None, description="Per-atom moments (μB).")
     converged: bool | None = None
     n_steps: int | None = None
     final_structure: str | None = Field(None, description="Final structure as extended XYZ.")
     forces_eV_per_A: list[list[float]] | None = None
+    corrections: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each correction an error handler made: problem, message, action, options.",
+    )
     properties: dict[str, Any] = Field(default_factory=dict)
     wall_seconds: float = 0.0
     workdir: str | None = None
@@ -99,7 +110,7 @@ class StructureResult(BaseModel):
     @property
     def ok(self) -> bool:
         """Return True when the calculation completed."""
-        return self.status == "completed"
+        return self.status is Status.completed
 
 
 class RunSummary(BaseModel):
@@ -120,5 +131,5 @@ class RunSummary(BaseModel):
     finished_at: datetime | None = None
 
 
-DEFAULT_PARAMETERS = SimulationParameters()
+DEFAULT_PARAMETERS = make_parameters()
 DEFAULT_OPTIONS = RunOptions()

@@ -8,19 +8,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from atomforge.engines.base import JobStatus
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
+from prefect.logging import get_run_logger
+
 from atomforge.engines.errors import AtomforgeError
+from atomforge.engines.parameters import CalculationParameters
+from atomforge.engines.status import JobStatus, Status
 from atomforge.flows import artifacts
 from atomforge.flows.chunking import balanced_chunks, estimated_cost, n_chunks
 from atomforge.flows.claims import claim_owner
 from atomforge.flows.hooks import stop_run_engines
-from atomforge.flows.models import (
-    RunOptions,
-    RunSummary,
-    SimulationParameters,
-    StructureResult,
-    StructureSource,
-)
+from atomforge.flows.models import RunOptions, RunSummary, StructureResult, StructureSource
 from atomforge.flows.paths import run_paths
 from atomforge.flows.progress import RunProgress
 from atomforge.flows.runner import parallel_slots
@@ -37,15 +36,12 @@ from atomforge.flows.tasks import (
     run_engine,
     validate,
 )
-from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture
-from prefect.logging import get_run_logger
 
 ENGINE_STOP_POLL_SECONDS = 0.1
 
 
 def _unrun_results(
-    jobs: list[Job], params: SimulationParameters, run: RunContext, status: JobStatus
+    jobs: list[Job], params: CalculationParameters, run: RunContext, status: JobStatus
 ) -> list[StructureResult]:
     """Return (and store) results saying ``status`` for jobs that produced none."""
     results = []
@@ -61,7 +57,7 @@ def _unrun_results(
 async def _follow(
     engine_runs: list[PrefectFuture],
     chunks: list[list[Job]],
-    params: SimulationParameters,
+    params: CalculationParameters,
     run: RunContext,
     progress: RunProgress,
 ) -> list[StructureResult]:
@@ -84,7 +80,7 @@ async def _follow(
         while not engines_finished():
             await asyncio.sleep(ENGINE_STOP_POLL_SECONDS)
         jobs = [job for chunk in chunks for job in chunk]
-        return _unrun_results(jobs, params, run, JobStatus("failed", _describe(exc)))
+        return _unrun_results(jobs, params, run, JobStatus(Status.failed, _describe(exc)))
     parsed = {result.index for result in results}
     owners = {engine_owner(index): engine_run for index, engine_run in enumerate(engine_runs)}
     for engine_run, chunk in zip(engine_runs, chunks):
@@ -97,7 +93,7 @@ async def _follow(
             reason = (
                 _describe(outcome) if isinstance(outcome, BaseException) else "engine never ran"
             )
-            results += _unrun_results([job], params, run, JobStatus("failed", reason))
+            results += _unrun_results([job], params, run, JobStatus(Status.failed, reason))
     return results
 
 
@@ -145,7 +141,7 @@ class RunOutcome:
 
 
 async def run_structures(
-    source: StructureSource, params: SimulationParameters, options: RunOptions, title: str
+    source: StructureSource, params: CalculationParameters, options: RunOptions, title: str
 ) -> RunOutcome:
     """Run every structure of ``source`` through the four steps and return the outcome.
 
@@ -205,7 +201,7 @@ async def run_structures(
         results.sort(key=lambda result: result.index)
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
         for job, (_, message) in zip(rejected, validated.rejected):
-            results.extend(_unrun_results([job], params, run, JobStatus("invalid", message)))
+            results.extend(_unrun_results([job], params, run, JobStatus(Status.invalid, message)))
         for result in _clean_workdirs(results, paths.work_dir, settings.keep_workdir):
             save_result(results_root, result)
         await links

@@ -7,8 +7,9 @@ import logging
 import time
 from uuid import UUID
 
-from atomforge.flows.models import StructureResult
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+
+from atomforge.flows.models import StructureResult
 
 
 class RunProgress:

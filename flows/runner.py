@@ -6,9 +6,10 @@ import logging
 from typing import Any
 
 import dask
-from atomforge.flows.settings import Settings, get_settings
 from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
+
+from atomforge.flows.settings import Settings, get_settings
 
 logging.getLogger("distributed").setLevel(logging.WARNING)
 

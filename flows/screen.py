@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from prefect import flow
+from pydantic import BaseModel, Field
+
 from atomforge.flows.models import (
     DEFAULT_OPTIONS,
     DEFAULT_PARAMETERS,
@@ -17,8 +20,6 @@ from atomforge.flows.models import (
 )
 from atomforge.flows.pipeline import run_structures
 from atomforge.flows.runner import simulation_flow_options
-from prefect import flow
-from pydantic import BaseModel, Field
 
 RankKey = Literal["energy_per_atom", "energy", "gap"]
 

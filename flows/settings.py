@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     retries: int = Field(3, ge=0, description="Retries of a step that failed for a passing reason.")
     retry_backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubles.")
     retry_jitter: float = Field(0.5, ge=0, description="Random jitter factor on retry delays.")
+    max_corrections: int = Field(
+        3,
+        ge=0,
+        description="Most corrections the engines' error handlers make to one structure "
+        "before it fails with the whole story.",
+    )
     min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
 
     def resolved_work_root(self) -> Path:

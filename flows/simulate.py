@@ -8,6 +8,8 @@ engine does not wait for it.
 
 from __future__ import annotations
 
+from prefect import flow
+
 from atomforge.engines.errors import EngineError, InputError
 from atomforge.flows.models import (
     DEFAULT_OPTIONS,
@@ -19,7 +21,6 @@ from atomforge.flows.models import (
 )
 from atomforge.flows.pipeline import run_structures
 from atomforge.flows.runner import simulation_flow_options
-from prefect import flow
 
 
 @flow(name="simulate", **simulation_flow_options())

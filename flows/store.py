@@ -13,8 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from atomforge.flows.models import RunSummary, StructureResult
 from pydantic import BaseModel, ValidationError
+
+from atomforge.flows.models import RunSummary, StructureResult
 
 RUN_FILE = "run.json"
 

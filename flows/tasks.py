@@ -22,9 +22,20 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.units import GPa, Hartree
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.logging.handlers import APILogHandler
+from prefect.logging.loggers import PrefectLogAdapter
+from prefect.tasks import exponential_backoff
+
 from atomforge.engines import get_engine
-from atomforge.engines.base import Engine, JobStatus
+from atomforge.engines.base import STRUCTURE_FILE, Engine, EngineResults
 from atomforge.engines.errors import EngineError, InputError, RunStopped
+from atomforge.engines.parameters import CalculationParameters
+from atomforge.engines.runloop import RunControl, run_jobs
+from atomforge.engines.status import JobStatus, Status
 from atomforge.engines.structures import (
     NamedStructure,
     check_electrons,
@@ -33,16 +44,10 @@ from atomforge.engines.structures import (
     to_extxyz,
 )
 from atomforge.flows.claims import CLAIM_FILE, claimed_directories
-from atomforge.flows.models import SimulationParameters, StructureResult, StructureSource
+from atomforge.flows.models import StructureResult, StructureSource
 from atomforge.flows.paths import RunPaths
 from atomforge.flows.settings import get_settings
 from atomforge.flows.store import save_result
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
-from prefect.logging.handlers import APILogHandler
-from prefect.logging.loggers import PrefectLogAdapter
-from prefect.tasks import exponential_backoff
 
 _settings = get_settings()
 
@@ -106,7 +111,7 @@ class RunContext:
 
 
 def validate_structure(
-    structure: NamedStructure, params: SimulationParameters, engine: Engine, min_distance: float
+    structure: NamedStructure, params: CalculationParameters, engine: Engine, min_distance: float
 ) -> None:
     """Raise InputError unless ``engine`` can compute ``structure`` with ``params``."""
     check_geometry(structure.atoms, structure.name, min_distance)
@@ -119,13 +124,14 @@ def validate_structure(
 
 
 def check_inputs(
-    source: StructureSource, params: SimulationParameters, skip_invalid: bool = False
+    source: StructureSource, params: CalculationParameters, skip_invalid: bool = False
 ) -> ValidatedInput:
     """Return the structures of ``source`` that pass every check; raise InputError otherwise.
 
     With ``skip_invalid`` an invalid structure is set aside with its reason instead.
     """
     engine = get_engine(params.engine)
+    engine.check_installed(params)
     min_distance = get_settings().min_distance
     structures = read_structures(source.path, source.text, source.format)
     accepted: list[NamedStructure] = []
@@ -146,7 +152,7 @@ def check_inputs(
 
 @task(name="validate", cache_policy=NO_CACHE, persist_result=False)
 async def validate(
-    source: StructureSource, params: SimulationParameters, skip_invalid: bool = False
+    source: StructureSource, params: CalculationParameters, skip_invalid: bool = False
 ) -> ValidatedInput:
     """Return the structures of ``source`` that pass every check (see :func:`check_inputs`).
 
@@ -172,7 +178,7 @@ def plan_jobs(structures: list[NamedStructure], first_index: int, paths: RunPath
 
 
 @task(name="prepare-inputs", **RETRYING)
-async def prepare_inputs(jobs: list[Job], params: SimulationParameters) -> list[Job]:
+async def prepare_inputs(jobs: list[Job], params: CalculationParameters) -> list[Job]:
     """Return ``jobs`` once their working directories hold the engine's input files.
 
     A claim left by an earlier attempt of the flow run is dropped: chunks may differ now.
@@ -181,7 +187,7 @@ async def prepare_inputs(jobs: list[Job], params: SimulationParameters) -> list[
     for job in jobs:
         job.directory.mkdir(parents=True, exist_ok=True)
         (job.directory / CLAIM_FILE).unlink(missing_ok=True)
-        (job.directory / "structure.extxyz").write_text(job.input_extxyz)
+        (job.directory / STRUCTURE_FILE).write_text(job.input_extxyz)
         engine.write_inputs(job.atoms, params, job.directory)
     return jobs
 
@@ -288,7 +294,7 @@ def engine_owner(index: int) -> str:
 
 @task(name="run-engine", **RETRYING)
 def run_engine(
-    chunks: list[list[Path]], index: int, params: SimulationParameters, run: RunContext
+    chunks: list[list[Path]], index: int, params: CalculationParameters, run: RunContext
 ) -> list[Path]:
     """Run the engine on chunk ``index`` of the prepared directories; return those it ran.
 
@@ -307,18 +313,16 @@ def run_engine(
     _engine_output_to_api_only()
     output = OutputStreamer(get_settings().engine_log_chars)
     ran: list[Path] = []
-    claimed = claimed_directories(
-        chunks, index, engine_owner(index), take_over=engine.runs_one_at_a_time
+    claimed = claimed_directories(chunks, index, engine_owner(index), take_over=not engine.batch)
+    control = RunControl(
+        pid_dir=run.paths.pid_dir,
+        stop_file=run.paths.stop_file,
+        log=output,
+        on_done=ProgressReporter(len(chunks[index]), logger, output),
+        max_corrections=get_settings().max_corrections,
     )
     try:
-        engine.execute(
-            _recorded(claimed, ran),
-            params,
-            pid_dir=run.paths.pid_dir,
-            stop_file=run.paths.stop_file,
-            log=output,
-            on_done=ProgressReporter(len(chunks[index]), logger, output),
-        )
+        run_jobs(engine, _recorded(claimed, ran), params, control)
     finally:
         output.flush()
     taken_over = len(set(ran) - set(chunks[index]))
@@ -328,7 +332,7 @@ def run_engine(
 
 def make_result(
     job: Job,
-    params: SimulationParameters,
+    params: CalculationParameters,
     run: RunContext,
     status: JobStatus,
     engine: Engine | None = None,
@@ -343,6 +347,7 @@ def make_result(
         name=job.name,
         status=status.status,
         message=status.message,
+        corrections=status.corrections,
         engine=engine.name,
         engine_version=engine.version(),
         parameters=params.model_dump(mode="json"),
@@ -354,8 +359,31 @@ def make_result(
     )
 
 
+def fill_outputs(result: StructureResult, out: EngineResults) -> None:
+    """Copy what the engine computed into ``result``, in the document's units."""
+    result.energy_eV = out.energy
+    result.energy_hartree = out.energy / Hartree
+    result.energy_per_atom_eV = out.energy / len(out.atoms)
+    result.gap_eV = out.gap
+    result.fermi_level_eV = out.fermi_level
+    result.converged = out.converged
+    result.n_steps = out.n_steps
+    result.final_structure = to_extxyz(out.atoms)
+    if out.forces is not None:
+        result.forces_eV_per_A = np.asarray(out.forces).tolist()
+        result.max_force_eV_per_A = float(np.linalg.norm(out.forces, axis=1).max())
+    if out.stress is not None:
+        stress = np.asarray(out.stress, dtype=float).reshape(-1)
+        result.stress_eV_per_A3 = stress.tolist()
+        result.pressure_GPa = float(-stress[:3].mean() / GPa)
+    if out.magmoms is not None:
+        result.magnetic_moments = np.asarray(out.magmoms, dtype=float).tolist()
+    result.magnetic_moment = out.magmom
+    result.properties = out.properties
+
+
 def parse_job(
-    job: Job, status: JobStatus, params: SimulationParameters, run: RunContext, engine: Engine
+    job: Job, status: JobStatus, params: CalculationParameters, run: RunContext, engine: Engine
 ) -> StructureResult:
     """Return and store the result document of ``job``, with the engine's outputs if it finished."""
     result = make_result(job, params, run, status, engine)
@@ -363,21 +391,10 @@ def parse_job(
         try:
             out = engine.read_results(job.directory, params)
         except (OSError, ValueError, KeyError) as exc:
-            result.status = "failed"
+            result.status = Status.failed
             result.message = f"cannot read results: {exc}"
         else:
-            forces = out.forces
-            result.energy_eV = out.energy
-            result.energy_hartree = out.energy_hartree
-            result.energy_per_atom_eV = out.energy / len(out.atoms)
-            result.gap_eV = out.gap
-            result.converged = out.converged
-            result.n_steps = out.n_steps
-            result.final_structure = to_extxyz(out.atoms)
-            if forces is not None:
-                result.forces_eV_per_A = np.asarray(forces).tolist()
-                result.max_force_eV_per_A = float(np.linalg.norm(forces, axis=1).max())
-            result.properties = out.properties
+            fill_outputs(result, out)
     save_result(run.results_root, result)
     return result
 
@@ -408,7 +425,7 @@ def _ended(chunk: list[Job], everything: bool) -> list[tuple[Job, JobStatus]]:
 @task(name="parse-results", **RETRYING)
 async def parse_results(
     chunks: list[list[Job]],
-    params: SimulationParameters,
+    params: CalculationParameters,
     run: RunContext,
     engines_finished: Callable[[], bool] = lambda: True,
     on_parsed: Callable[[StructureResult], None] = lambda result: None,

@@ -11,18 +11,18 @@ import time
 from pathlib import Path
 
 import psutil
-from atomforge.flows.settings import get_settings
 
+from atomforge.flows.settings import get_settings
 from tests.conftest import REPO, water_cluster_xyz
 
 FLOW_SCRIPT = """
 import asyncio
 import sys
-from atomforge.flows.models import SimulationParameters, StructureSource
+from atomforge.flows.models import make_parameters, StructureSource
 from atomforge.flows.simulate import simulate
 
 if __name__ == "__main__":
-    asyncio.run(simulate(StructureSource(path=sys.argv[1]), SimulationParameters(engine="xtb")))
+    asyncio.run(simulate(StructureSource(path=sys.argv[1]), make_parameters(engine="xtb")))
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ase.build import molecule
+
 from atomforge.flows.chunking import balanced_chunks, estimated_cost, n_chunks
 
 

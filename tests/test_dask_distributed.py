@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from atomforge.flows.models import SimulationParameters, StructureSource
+from distributed import Client
+
+from atomforge.flows.models import StructureSource, make_parameters
 from atomforge.flows.runner import dask_task_runner
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import Settings
-from distributed import Client
-
 from tests.conftest import REPO
 
 DASK = str(Path(sys.executable).with_name("dask"))
@@ -73,15 +73,14 @@ def scheduler_address():
 
 def test_screen_runs_on_an_existing_dask_scheduler(scheduler_address):
     from ase.build import molecule
+
     from atomforge.engines.structures import to_extxyz
 
     text = "".join(to_extxyz(molecule(n)) for n in ("H2O", "NH3", "CH4", "HF"))
     runner = dask_task_runner(Settings(dask_address=scheduler_address))
     on_cluster = screen.with_options(task_runner=runner)
     report = asyncio.run(
-        on_cluster(
-            StructureSource(text=text), SimulationParameters(engine="xtb", kind="singlepoint")
-        )
+        on_cluster(StructureSource(text=text), make_parameters(engine="xtb", kind="singlepoint"))
     )
     assert report.n_completed == 4
     with Client(scheduler_address) as client:

@@ -9,11 +9,6 @@ from pathlib import Path
 import pytest
 from ase.build import molecule
 from ase.io import write
-from atomforge.flows.models import RunOptions, SimulationParameters, StructureSource
-from atomforge.flows.screen import screen
-from atomforge.flows.settings import get_settings
-from atomforge.flows.simulate import simulate
-from atomforge.flows.store import iter_results, load_run, query_results
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -21,6 +16,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
+
+from atomforge.flows.models import RunOptions, StructureSource, make_parameters
+from atomforge.flows.screen import screen
+from atomforge.flows.settings import get_settings
+from atomforge.flows.simulate import simulate
+from atomforge.flows.store import iter_results, load_run, query_results
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -41,7 +42,7 @@ def _task_names(flow_run_id: str) -> list[str]:
 
 def test_simulate_runs_four_steps_and_stores_inputs_and_results(water_file):
     state = asyncio.run(
-        simulate(StructureSource(path=str(water_file)), SimulationParameters(), return_state=True)
+        simulate(StructureSource(path=str(water_file)), make_parameters(), return_state=True)
     )
     assert state.is_completed()
     result = state.result()
@@ -93,7 +94,7 @@ def _run_log_containing(flow_run_id: str, text: str, timeout: float = 20) -> str
 
 def test_engine_output_is_streamed_to_the_run_logs(water_file):
     result = asyncio.run(
-        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+        simulate(StructureSource(path=str(water_file)), make_parameters(kind="singlepoint"))
     )
     message = _run_log_containing(result.flow_run_id, "normal termination of xtb")
     assert message is not None
@@ -104,7 +105,7 @@ def test_engine_output_is_streamed_to_the_run_logs(water_file):
 def test_engine_output_beyond_the_cap_keeps_its_latest_lines(monkeypatch, water_file):
     monkeypatch.setenv("ATOMFORGE_ENGINE_LOG_CHARS", "2000")
     result = asyncio.run(
-        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+        simulate(StructureSource(path=str(water_file)), make_parameters(kind="singlepoint"))
     )
     message = _run_log_containing(result.flow_run_id, "normal termination of xtb")
     assert message is not None
@@ -116,29 +117,23 @@ def test_engine_output_beyond_the_cap_keeps_its_latest_lines(monkeypatch, water_
 
 def test_parse_takes_completed_structures_of_every_chunk_while_the_engines_still_run(tmp_path):
     from atomforge.engines import get_engine
-    from atomforge.engines.base import JobStatus
+    from atomforge.engines.runloop import RunControl, run_jobs
+    from atomforge.engines.status import JobStatus
     from atomforge.engines.structures import NamedStructure, read_structures
     from atomforge.flows.paths import run_paths
     from atomforge.flows.settings import Settings
     from atomforge.flows.tasks import RunContext, parse_results, plan_jobs, prepare_inputs
-
     from tests.conftest import WATER_XYZ
 
     settings = Settings(home=tmp_path)
     paths = run_paths(settings, "streaming")
-    params = SimulationParameters(kind="singlepoint")
+    params = make_parameters(kind="singlepoint")
     atoms = read_structures(None, WATER_XYZ, None)[0].atoms
     names = [NamedStructure(n, atoms.copy()) for n in ("done", "failed", "pending", "other")]
     done, failed, pending, other = jobs = plan_jobs(names, 0, paths)
     asyncio.run(prepare_inputs.fn(jobs, params))
-    get_engine("xtb").execute(
-        [done.directory, other.directory],
-        params,
-        pid_dir=paths.pid_dir,
-        stop_file=paths.stop_file,
-        log=lambda text: None,
-        on_done=lambda directory, status: None,
-    )
+    control = RunControl(paths.pid_dir, paths.stop_file, lambda text: None, lambda d, s: None)
+    run_jobs(get_engine("xtb"), [done.directory, other.directory], params, control)
     JobStatus("failed", "engine failed (exit code 1)").write(failed.directory)
     run = RunContext("streaming", "screen", paths, settings.resolved_results_root())
     stored = settings.resolved_results_root() / "streaming"
@@ -167,7 +162,7 @@ def test_flow_results_are_persisted_as_json_not_pickle(water_file):
     state = asyncio.run(
         simulate(
             StructureSource(path=str(water_file)),
-            SimulationParameters(kind="singlepoint"),
+            make_parameters(kind="singlepoint"),
             return_state=True,
         )
     )
@@ -185,7 +180,7 @@ def test_screen_ranks_a_folder_and_reports_invalid_structures(tmp_path):
     report = asyncio.run(
         screen(
             StructureSource(path=str(tmp_path)),
-            SimulationParameters(engine="xtb", kind="singlepoint"),
+            make_parameters(engine="xtb", kind="singlepoint"),
             RunOptions(skip_invalid=True, chunk_size=2),
             rank_by="gap",
         )
@@ -206,7 +201,7 @@ def test_screen_reads_a_multi_frame_extxyz_with_tblite(tmp_path):
     report = asyncio.run(
         screen(
             StructureSource(path=str(tmp_path / "set.extxyz")),
-            SimulationParameters(engine="tblite", kind="singlepoint"),
+            make_parameters(engine="tblite", kind="singlepoint"),
         )
     )
     assert report.n_completed == 3
@@ -224,14 +219,14 @@ def test_screen_reads_a_multi_frame_extxyz_with_tblite(tmp_path):
 
 def test_bad_input_fails_the_flow_and_leaves_other_runs_intact(tmp_path, water_file):
     good = asyncio.run(
-        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+        simulate(StructureSource(path=str(water_file)), make_parameters(kind="singlepoint"))
     )
     root = get_settings().resolved_results_root()
     before = {p: p.read_bytes() for p in (root / good.flow_run_id).iterdir()}
     empty = tmp_path / "empty.xyz"
     empty.write_text("")
     state = asyncio.run(
-        simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+        simulate(StructureSource(path=str(empty)), make_parameters(), return_state=True)
     )
     assert state.is_failed()
     assert "structure file is empty" in state.message
@@ -242,7 +237,7 @@ def test_bad_input_fails_the_flow_and_leaves_other_runs_intact(tmp_path, water_f
 def test_workdir_is_cleaned_as_configured(monkeypatch, water_file, policy, kept):
     monkeypatch.setenv("ATOMFORGE_KEEP_WORKDIR", policy)
     result = asyncio.run(
-        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+        simulate(StructureSource(path=str(water_file)), make_parameters(kind="singlepoint"))
     )
     assert result.workdir is None
     run = load_run(get_settings().resolved_results_root(), result.flow_run_id)
@@ -252,7 +247,7 @@ def test_workdir_is_cleaned_as_configured(monkeypatch, water_file, policy, kept)
 def test_engine_timeout_kills_the_engine_and_fails_clearly():
     from tests.conftest import water_cluster_xyz
 
-    params = SimulationParameters(engine="xtb", timeout_seconds=2)
+    params = make_parameters(engine="xtb", timeout_seconds=2)
     state = asyncio.run(
         simulate(StructureSource(text=water_cluster_xyz(3)), params, return_state=True)
     )

@@ -5,18 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from atomforge.engines.errors import InputError
-from atomforge.flows.models import RunOptions, SimulationParameters, StructureSource
+from atomforge.flows.models import RunOptions, StructureSource, make_parameters
 from atomforge.flows.paths import run_paths
 from atomforge.flows.settings import Settings
 from atomforge.flows.tasks import check_inputs
-from pydantic import ValidationError
 
 
 def _check(tmp_path: Path, text: str, suffix: str = ".xyz", **params) -> None:
     path = tmp_path / f"input{suffix}"
     path.write_text(text)
-    check_inputs(StructureSource(path=str(path)), SimulationParameters(**params))
+    check_inputs(StructureSource(path=str(path)), make_parameters(**params))
 
 
 @pytest.mark.parametrize(
@@ -41,6 +42,7 @@ def test_bad_structure_files_give_one_line_errors(tmp_path, text, message):
 
 def test_overlap_across_a_periodic_boundary_is_found():
     from ase.build import bulk
+
     from atomforge.engines.structures import check_geometry
 
     cell = bulk("Cu", "fcc", a=3.6, cubic=True)
@@ -53,6 +55,7 @@ def test_overlap_across_a_periodic_boundary_is_found():
 def test_overlap_in_a_large_molecule_is_found():
     import numpy as np
     from ase import Atoms
+
     from atomforge.engines.structures import DIRECT_DISTANCES_MAX_ATOMS, check_geometry
 
     n = DIRECT_DISTANCES_MAX_ATOMS + 10
@@ -66,7 +69,7 @@ def test_overlap_in_a_large_molecule_is_found():
 
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such structure file"):
-        check_inputs(StructureSource(path=str(tmp_path / "nope.xyz")), SimulationParameters())
+        check_inputs(StructureSource(path=str(tmp_path / "nope.xyz")), make_parameters())
 
 
 @pytest.mark.parametrize(
@@ -92,8 +95,8 @@ def test_possible_radical_is_accepted(tmp_path):
 
 
 def test_unknown_engine_is_refused(tmp_path):
-    with pytest.raises(ValidationError):
-        SimulationParameters(engine="gaussian")
+    with pytest.raises(InputError, match=r"^unknown engine 'gaussian'"):
+        make_parameters(engine="gaussian")
     from atomforge.engines import get_engine
 
     with pytest.raises(InputError, match=r"unknown engine 'gaussian' \(available: emt, tblite"):
@@ -101,14 +104,26 @@ def test_unknown_engine_is_refused(tmp_path):
 
 
 def test_wrong_parameter_types_are_refused():
+    with pytest.raises(InputError, match=r"^charge: Input should be a valid integer"):
+        make_parameters(charge="one")
+    with pytest.raises(InputError, match=r"^multiplicity: "):
+        make_parameters(multiplicity=0)
+    with pytest.raises(InputError, match=r"^timeout_seconds: "):
+        make_parameters(timeout_seconds=-1)
+    with pytest.raises(InputError, match=r"^unknown_field: Extra inputs"):
+        make_parameters(unknown_field=1)
+    with pytest.raises(InputError, match=r"^options.method: Input should be 'GFN2-xTB'"):
+        make_parameters(options={"method": "GFN9"})
+    with pytest.raises(InputError, match=r"^options.nosuch: Extra inputs"):
+        make_parameters(engine="tblite", options={"nosuch": 1})
+
+
+def test_each_engine_has_its_own_parameters_model():
+    from atomforge.engines.registry import parameters_model
+
     with pytest.raises(ValidationError):
-        SimulationParameters(charge="one")
-    with pytest.raises(ValidationError):
-        SimulationParameters(multiplicity=0)
-    with pytest.raises(ValidationError):
-        SimulationParameters(timeout_seconds=-1)
-    with pytest.raises(ValidationError):
-        SimulationParameters(unknown_field=1)
+        parameters_model("xtb")(charge="one")
+    assert parameters_model("tblite")().options.method == "GFN2-xTB"
 
 
 def test_engines_refuse_what_they_cannot_compute(tmp_path):
@@ -125,9 +140,9 @@ def test_engines_refuse_what_they_cannot_compute(tmp_path):
             "Cu 0 0 0\nCu 1.5 1.5 0\n",
             suffix=".extxyz",
         )
-    with pytest.raises(InputError, match="does not know option"):
+    with pytest.raises(InputError, match=r"options.basis: Extra inputs are not permitted"):
         _check(tmp_path, WATER_XYZ, options={"basis": "def2-SVP"})
-    with pytest.raises(InputError, match="unknown method"):
+    with pytest.raises(InputError, match=r"options.method: Input should be"):
         _check(tmp_path, WATER_XYZ, options={"method": "GFN9-xTB"})
 
 
@@ -142,7 +157,7 @@ def test_run_dir_cannot_escape_the_work_root(tmp_path, run_dir):
 def test_folder_without_structures_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
     with pytest.raises(InputError, match="no structure files"):
-        check_inputs(StructureSource(path=str(tmp_path)), SimulationParameters())
+        check_inputs(StructureSource(path=str(tmp_path)), make_parameters())
 
 
 def test_source_needs_exactly_one_of_path_and_text():

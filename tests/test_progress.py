@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from atomforge.flows.models import StructureResult
-from atomforge.flows.progress import RunProgress
 from prefect import flow, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 from prefect.logging import get_run_logger
+
+from atomforge.flows.models import StructureResult
+from atomforge.flows.progress import RunProgress
 
 
 def _result(name: str) -> StructureResult:

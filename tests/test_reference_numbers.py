@@ -16,10 +16,10 @@ import pytest
 from ase.build import bulk, molecule
 from ase.io import read
 from ase.io.turbomole import read_turbomole_gradient
-from atomforge.engines.structures import to_extxyz
-from atomforge.flows.models import SimulationParameters, StructureSource
-from atomforge.flows.simulate import simulate
 
+from atomforge.engines.structures import to_extxyz
+from atomforge.flows.models import StructureSource, make_parameters
+from atomforge.flows.simulate import simulate
 from tests.conftest import WATER_XYZ
 
 WATER_OPT_HARTREE = -5.070544
@@ -32,9 +32,7 @@ def water_singlepoints():
     """Return xtb and tblite single points (with forces) of the same water geometry."""
     source = StructureSource(text=WATER_XYZ)
     return {
-        engine: asyncio.run(
-            simulate(source, SimulationParameters(engine=engine, kind="singlepoint"))
-        )
+        engine: asyncio.run(simulate(source, make_parameters(engine=engine, kind="singlepoint")))
         for engine in ("xtb", "tblite")
     }
 
@@ -64,9 +62,7 @@ def test_xtb_forces_agree_with_its_turbomole_gradient_file(water_singlepoints):
 
 @pytest.mark.parametrize("engine", ["xtb", "tblite"])
 def test_optimized_water_matches_the_gfn2_reference(engine):
-    result = asyncio.run(
-        simulate(StructureSource(text=WATER_XYZ), SimulationParameters(engine=engine))
-    )
+    result = asyncio.run(simulate(StructureSource(text=WATER_XYZ), make_parameters(engine=engine)))
     assert result.status == "completed"
     assert result.converged is True
     assert result.energy_hartree == pytest.approx(WATER_OPT_HARTREE, abs=2e-6)
@@ -81,7 +77,7 @@ def test_optimized_water_matches_the_gfn2_reference(engine):
 
 def test_emt_relaxes_the_copper_lattice_constant():
     start = bulk("Cu", "fcc", a=3.7)
-    params = SimulationParameters(engine="emt", relax_cell=True, fmax=1e-4)
+    params = make_parameters(engine="emt", relax_cell=True, fmax=1e-4)
     result = asyncio.run(simulate(StructureSource(text=to_extxyz(start)), params))
     final = read(StringIO(result.final_structure), format="extxyz")
     lattice = final.cell.cellpar()[0] * np.sqrt(2)
@@ -96,7 +92,7 @@ def test_emt_energy_of_a_copper_dimer_is_reproducible_in_process():
     result = asyncio.run(
         simulate(
             StructureSource(text=to_extxyz(dimer)),
-            SimulationParameters(engine="emt", kind="singlepoint"),
+            make_parameters(engine="emt", kind="singlepoint"),
         )
     )
     from ase.calculators.emt import EMT

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from atomforge.engines.errors import EngineError, InputError, RunStopped
-from atomforge.flows.models import SimulationParameters, StructureSource
-from atomforge.flows.simulate import simulate
-from atomforge.flows.tasks import is_worth_retrying
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Failed
 
+from atomforge.engines.errors import EngineError, InputError, RunStopped
+from atomforge.flows.models import StructureSource, make_parameters
+from atomforge.flows.simulate import simulate
+from atomforge.flows.tasks import is_worth_retrying
 from tests.conftest import use_xtb_wrapper
 
 KILLED_ONCE = """#!/bin/sh
@@ -37,7 +37,7 @@ def test_engine_killed_from_outside_is_retried_and_then_succeeds(tmp_path, monke
         tmp_path / "xtb-killed-once", KILLED_ONCE.format(marker=tmp_path / "killed"), monkeypatch
     )
     result = asyncio.run(
-        simulate(StructureSource(path=str(water_file)), SimulationParameters(kind="singlepoint"))
+        simulate(StructureSource(path=str(water_file)), make_parameters(kind="singlepoint"))
     )
     assert (tmp_path / "killed").exists()
     assert result.status == "completed"
@@ -48,7 +48,7 @@ def test_bad_input_is_not_retried(tmp_path):
     empty = tmp_path / "empty.xyz"
     empty.write_text("")
     state = asyncio.run(
-        simulate(StructureSource(path=str(empty)), SimulationParameters(), return_state=True)
+        simulate(StructureSource(path=str(empty)), make_parameters(), return_state=True)
     )
     assert state.is_failed()
     assert _task_runs(str(state.state_details.flow_run_id)) == {"validate": 1}

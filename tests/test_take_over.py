@@ -7,13 +7,13 @@ from pathlib import Path
 
 from ase.build import molecule
 from ase.io import write
+
 from atomforge.flows.claims import claim, claim_owner, claimed_directories
-from atomforge.flows.models import SimulationParameters, StructureSource
+from atomforge.flows.models import StructureSource, make_parameters
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import get_settings
 from atomforge.flows.store import iter_results
 from atomforge.flows.tasks import engine_owner
-
 from tests.conftest import use_xtb_wrapper
 
 LATE_FOR_SOME = """#!/bin/sh
@@ -37,7 +37,7 @@ def test_a_free_task_takes_over_the_tail_of_a_slow_chunk(tmp_path, monkeypatch):
     # Chunk 1's task starts on a-slow while chunk 0's waits a second on methane; then the
     # latter takes over c and b, which chunk 1's task has not started.
     report = asyncio.run(
-        screen(StructureSource(path=str(folder)), SimulationParameters(kind="singlepoint"))
+        screen(StructureSource(path=str(folder)), make_parameters(kind="singlepoint"))
     )
     assert report.n_completed == 4
     root = get_settings().resolved_results_root()

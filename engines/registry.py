@@ -1,0 +1,115 @@
+"""The engines atomforge knows: one list, extended by other packages through entry points.
+
+A package adds an engine by naming its class in the ``atomforge.engines`` entry-point
+group (``[project.entry-points."atomforge.engines"] myengine = "mypkg.engine:MyEngine"``).
+The parameters model of each engine (its ``options`` included) is built from this list,
+so the CLI, the Python API and the Prefect UI all offer exactly the registered engines.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, TypeAdapter, ValidationError, create_model
+
+from atomforge.engines.base import Engine
+from atomforge.engines.errors import InputError
+from atomforge.engines.parameters import CalculationParameters
+
+ENTRY_POINT_GROUP = "atomforge.engines"
+BUILTIN_ENGINES = {
+    "xtb": "atomforge.engines.xtb:XtbEngine",
+    "tblite": "atomforge.engines.tblite_engine:TbliteEngine",
+    "emt": "atomforge.engines.emt:EmtEngine",
+}
+
+
+def _load(target: str) -> type[Engine]:
+    """Return the engine class named ``module:Class``."""
+    module, _, name = target.partition(":")
+    return getattr(import_module(module), name)
+
+
+@cache
+def engine_classes() -> dict[str, type[Engine]]:
+    """Return every engine class by name: the built-in ones, then those of entry points."""
+    classes = {name: _load(target) for name, target in BUILTIN_ENGINES.items()}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name not in classes:
+            classes[point.name] = point.load()
+    return classes
+
+
+def engine_names() -> list[str]:
+    """Return the names of all engines, sorted."""
+    return sorted(engine_classes())
+
+
+def get_engine(name: str) -> Engine:
+    """Return a new engine adapter for ``name``, or raise InputError for an unknown one."""
+    classes = engine_classes()
+    if name not in classes:
+        raise InputError(f"unknown engine {name!r} (available: {', '.join(sorted(classes))})")
+    return classes[name]()
+
+
+@cache
+def parameters_model(name: str) -> type[CalculationParameters]:
+    """Return the parameters model of engine ``name``: the shared fields plus its options."""
+    cls = engine_classes()[name]
+    return create_model(
+        f"{cls.__name__.removesuffix('Engine')}Parameters",
+        __base__=CalculationParameters,
+        __doc__=f"How to compute each structure with {name}: {cls.description}.",
+        engine=(Literal[name], Field(name, description="The engine: " + cls.description)),
+        options=(
+            cls.options_model,
+            Field(default_factory=cls.options_model, description=f"Options of {name}."),
+        ),
+    )
+
+
+@cache
+def parameters_type() -> Any:
+    """Return the union of every engine's parameters model, discriminated by ``engine``."""
+    models = tuple(parameters_model(name) for name in engine_names())
+    return Annotated[Union[models], Field(discriminator="engine")]  # noqa: UP007
+
+
+@cache
+def _adapter() -> TypeAdapter:
+    return TypeAdapter(parameters_type())
+
+
+def parse_parameters(data: dict[str, Any] | CalculationParameters) -> CalculationParameters:
+    """Return ``data`` validated as the parameters of the engine it names.
+
+    Raises InputError with one line for an unknown engine or a wrong field.
+    """
+    if isinstance(data, CalculationParameters):
+        return data
+    engine = data.get("engine", "xtb")
+    if engine not in engine_classes():
+        get_engine(engine)
+    try:
+        return _adapter().validate_python({**data, "engine": engine})
+    except ValidationError as exc:
+        raise InputError(validation_line(exc)) from None
+
+
+def make_parameters(engine: str = "xtb", **fields: Any) -> CalculationParameters:
+    """Return validated parameters for ``engine`` (defaults for every field not given)."""
+    return parse_parameters({"engine": engine, **fields})
+
+
+def validation_line(exc: ValidationError) -> str:
+    """Return the first problem of a pydantic error as one line, naming the field."""
+    err = exc.errors()[0]
+    loc = err["loc"]
+    if loc and loc[0] in engine_classes():
+        loc = loc[1:]
+    where = ".".join(str(p) for p in loc)
+    return f"{where or 'input'}: {err['msg']}"
