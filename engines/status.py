@@ -27,6 +27,9 @@ class Status(str, Enum):
     stopped = "stopped"
     invalid = "invalid"
 
+    def __str__(self) -> str:
+        return self.value
+
 
 @dataclass
 class JobStatus:

@@ -43,6 +43,9 @@ METHOD_FLAGS = {
 }
 INPUT_FILE = "input.xyz"
 GRADIENT_FILE = "input.engrad"
+BANNER = "* xtb version"
+OPT_FAILED = "FAILED TO CONVERGE GEOMETRY OPTIMIZATION"
+"""xtb 6.5.1 writes ``.xtboptok`` even then: this line is the one sign of it."""
 DEFAULT_ETEMP = 300.0
 DEFAULT_ITERATIONS = 250
 
@@ -137,6 +140,12 @@ def _xtb_version(command: str) -> str:
     return "unknown"
 
 
+def _last_run_output(log_path: Path) -> str:
+    """Return the output of the last xtb run in ``log_path`` (reruns append to it)."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return text[max(text.rfind(BANNER), 0) :]
+
+
 def _count_xyz_frames(path: Path, n_atoms: int) -> int:
     """Return how many frames of ``n_atoms`` atoms the multi-frame xyz file ``path`` holds."""
     with path.open("rb") as handle:
@@ -179,15 +188,15 @@ class XtbEngine(Engine):
         self, directory: Path, params: CalculationParameters, status: JobStatus
     ) -> Problem | None:
         """Return a failed SCC, an unconverged optimization, or missing results."""
-        log = (directory / self.log_name).read_text(errors="replace")
-        if "iterator did not converge" in log[-4000:]:
+        output = _last_run_output(directory / self.log_name)
+        if "iterator did not converge" in output:
             return Problem("scf_not_converged", "xtb: SCC did not converge")
         if not status.completed:
             return None
         if not (directory / "xtbout.json").exists():
             return Problem("no_results", "xtb wrote no results")
         optimizing = params.kind is CalculationKind.optimize
-        if optimizing and not (directory / ".xtboptok").exists():
+        if optimizing and OPT_FAILED in output:
             return Problem(
                 "optimization_not_converged",
                 f"xtb: optimization not converged in {params.max_steps} steps",
@@ -206,7 +215,7 @@ class XtbEngine(Engine):
         n_steps = None
         if params.kind is CalculationKind.optimize:
             atoms = read(directory / "xtbopt.xyz", format="xyz")
-            converged = (directory / ".xtboptok").exists()
+            converged = OPT_FAILED not in _last_run_output(directory / self.log_name)
             n_steps = _count_xyz_frames(directory / "xtbopt.log", len(atoms))
         else:
             atoms = read(directory / INPUT_FILE, format="xyz")

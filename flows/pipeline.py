@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import dask
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
@@ -22,7 +24,7 @@ from atomforge.flows.hooks import stop_run_engines
 from atomforge.flows.models import RunOptions, RunSummary, StructureResult, StructureSource
 from atomforge.flows.paths import run_paths
 from atomforge.flows.progress import RunProgress
-from atomforge.flows.runner import parallel_slots
+from atomforge.flows.runner import engine_slots
 from atomforge.flows.settings import KeepWorkdir, get_settings
 from atomforge.flows.store import save_result, save_run
 from atomforge.flows.tasks import (
@@ -176,27 +178,28 @@ async def run_structures(
     )
     try:
         validated = await validate(source, params, options.skip_invalid)
-        slots = parallel_slots(context.task_runner, settings)
+        slots = engine_slots(context.task_runner, settings, params.cores)
         jobs = plan_jobs(validated.structures, 0, paths)
         progress.total = len(jobs)
         run = RunContext(flow_run_id, flow_name, paths, results_root)
         chunks = balanced_chunks(
             jobs,
             [estimated_cost(job.atoms) for job in jobs],
-            n_chunks(len(jobs), slots, options.chunk_size or settings.chunk_size),
+            n_chunks(len(jobs), slots.slots, options.chunk_size or settings.chunk_size),
         )
         get_run_logger().info(
-            "%d structure(s) in %d chunk(s) over %d worker thread(s); work dir %s",
+            "%d structure(s) in %d chunk(s), %d at a time; work dir %s",
             len(jobs),
             len(chunks),
-            slots,
+            slots.slots,
             paths.work_dir,
         )
         await prepare_inputs([job for chunk in chunks for job in chunk], params)
         directories = [[job.directory for job in chunk] for chunk in chunks]
-        engine_runs = [
-            run_engine.submit(directories, index, params, run) for index in range(len(chunks))
-        ]
+        with dask.annotate(resources=slots.resources) if slots.resources else nullcontext():
+            engine_runs = [
+                run_engine.submit(directories, index, params, run) for index in range(len(chunks))
+            ]
         results = await _follow(engine_runs, chunks, params, run, progress)
         results.sort(key=lambda result: result.index)
         rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import dask
 from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
+from atomforge.engines.errors import InputError
 from atomforge.flows.settings import Settings, get_settings
+
+CORES = "cores"
+"""The Dask worker resource that counts cores: an N-core engine task takes N of them."""
 
 logging.getLogger("distributed").setLevel(logging.WARNING)
 
@@ -19,7 +24,9 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
 
     ``ATOMFORGE_DASK_ADDRESS`` connects to a running scheduler; ``ATOMFORGE_DASK_CLUSTER_CLASS``
     (e.g. ``dask_jobqueue.SLURMCluster``) with ``ATOMFORGE_DASK_CLUSTER_KWARGS`` starts one;
-    otherwise a ``LocalCluster`` with ``ATOMFORGE_DASK_WORKERS`` single-threaded workers.
+    otherwise a ``LocalCluster`` with ``ATOMFORGE_DASK_WORKERS`` cores: one worker with a
+    thread and a ``cores`` resource unit per core (a worker process per core with
+    ``ATOMFORGE_DASK_PROCESSES``), so that a 2-core engine task takes two of them.
     """
     settings = settings or get_settings()
     if settings.dask_address:
@@ -32,10 +39,12 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
             adapt_kwargs=adapt,
         )
     dask.config.set({"distributed.worker.profile.enabled": settings.dask_profile})
+    per_worker = 1 if settings.dask_processes else settings.dask_workers
     return DaskTaskRunner(
         cluster_kwargs={
-            "n_workers": settings.dask_workers,
-            "threads_per_worker": 1,
+            "n_workers": settings.dask_workers // per_worker,
+            "threads_per_worker": per_worker,
+            "resources": {CORES: per_worker},
             "processes": settings.dask_processes,
             "dashboard_address": None,
             **settings.dask_cluster_kwargs,
@@ -44,19 +53,44 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
     )
 
 
-def parallel_slots(task_runner: TaskRunner | None, settings: Settings) -> int:
-    """Return how many tasks can run at once: Dask worker threads, or the configured count.
+@dataclass(frozen=True)
+class EngineSlots:
+    """How many structures a run computes at once, and what each engine task asks Dask for."""
 
-    An adaptive cluster counts its maximum size; a cluster with no workers yet (an HPC
-    queue still pending) counts ``ATOMFORGE_DASK_WORKERS``.
+    slots: int
+    resources: dict[str, int] | None
+
+
+def engine_slots(task_runner: TaskRunner | None, settings: Settings, cores: int) -> EngineSlots:
+    """Return how many ``cores``-core engine tasks fit on the cluster at once.
+
+    Workers that declare a ``cores`` resource (the local cluster does; start others with
+    ``dask worker --resources cores=N``) run at most their cores' worth of engine tasks,
+    so N-core structures never oversubscribe a machine. Workers that declare none run
+    one task per thread, and only 1-core structures. An adaptive cluster counts its
+    maximum size; a cluster with no workers yet counts ``ATOMFORGE_DASK_WORKERS``.
+    Raises InputError when no worker can ever run a ``cores``-core task.
     """
+    resources = {CORES: cores}
     if settings.dask_adapt_max:
-        return settings.dask_adapt_max
+        return EngineSlots(settings.dask_adapt_max, resources if cores > 1 else None)
+    workers = []
     if isinstance(task_runner, DaskTaskRunner):
-        threads = sum(task_runner.client.nthreads().values())
-        if threads:
-            return threads
-    return settings.dask_workers
+        workers = list(task_runner.client.scheduler_info(n_workers=-1)["workers"].values())
+    declared = [worker.get("resources", {}).get(CORES) for worker in workers]
+    if workers and all(declared):
+        if cores > max(declared):
+            raise InputError(
+                f"cores={cores}: the largest Dask worker has {int(max(declared))} cores"
+            )
+        return EngineSlots(sum(int(n // cores) for n in declared), resources)
+    if cores > 1:
+        raise InputError(
+            f"cores={cores} needs Dask workers that declare a 'cores' resource "
+            "(dask worker --resources cores=N)"
+        )
+    threads = sum(worker["nthreads"] for worker in workers)
+    return EngineSlots(threads or settings.dask_workers, None)
 
 
 def simulation_flow_options() -> dict[str, Any]:
