@@ -24,6 +24,9 @@ BUILTIN_ENGINES = {
     "xtb": "atomforge.engines.xtb:XtbEngine",
     "tblite": "atomforge.engines.tblite_engine:TbliteEngine",
     "emt": "atomforge.engines.emt:EmtEngine",
+    "espresso": "atomforge.engines.espresso:EspressoEngine",
+    "lammps": "atomforge.engines.lammps:LammpsEngine",
+    "vasp": "atomforge.engines.vasp:VaspEngine",
 }
 
 
