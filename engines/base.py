@@ -56,6 +56,8 @@ class EngineResults:
     gap: float | None = None
     converged: bool | None = None
     n_steps: int | None = None
+    version: str | None = None
+    """The program version the output names, where it names one (overrides ``version()``)."""
     properties: dict[str, Any] = field(default_factory=dict)
 
 

@@ -380,6 +380,8 @@ def fill_outputs(result: StructureResult, out: EngineResults) -> None:
         result.magnetic_moments = np.asarray(out.magmoms, dtype=float).tolist()
     result.magnetic_moment = out.magmom
     result.properties = out.properties
+    if out.version:
+        result.engine_version = out.version
 
 
 def parse_job(
