@@ -37,7 +37,7 @@ def closed_shell_g2() -> list[tuple[str, object]]:
 
 def bare_xtb(job: tuple[str, str]) -> float:
     """Optimize one xyz file with the xtb program in a scratch folder; return its energy (Eh)."""
-    from atomforge.engines.parameters import CalculationParameters
+    from atomforge.engines.registry import make_parameters
     from atomforge.engines.xtb import XtbProfile
 
     _, xyz = job
@@ -45,9 +45,9 @@ def bare_xtb(job: tuple[str, str]) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         Path(scratch, "input.xyz").write_text(xyz)
         subprocess.run(
-            profile.argv(CalculationParameters()),
+            profile.argv(make_parameters("xtb")),
             cwd=scratch,
-            env=os.environ | profile.env(),
+            env=os.environ | profile.env(1),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             check=True,

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -241,6 +241,36 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _type_name(annotation: object) -> str:
+    """Return a type annotation as a person reads it: ``float | None``, ``nve|nvt|npt``."""
+    if get_origin(annotation) is Literal:
+        return "|".join(str(value) for value in get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    """Print each engine: what it computes, what it needs, its kinds and options. Return 0."""
+    from atomforge.engines.registry import engine_classes
+
+    for name, cls in sorted(engine_classes().items()):
+        if args.name and name != args.name:
+            continue
+        print(f"{name}: {cls.description}")
+        print(f"  needs: {cls.requires}")
+        print(f"  kinds: {', '.join(sorted(kind.value for kind in cls.kinds))}")
+        for field_name, field in cls.options_model.model_fields.items():
+            kind = _type_name(field.annotation)
+            default = (
+                ""
+                if field.is_required()
+                else f" = {field.get_default(call_default_factory=True)!r}"
+            )
+            print(f"  -o {field_name} ({kind}{default}): {field.description}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job: an xTB water optimization and a small screening. Return the exit code."""
     from atomforge.flows.demo import run_demo
@@ -281,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a stored result document")
     show.add_argument("id", help="result id, run-id/result-id, or a run id")
     show.set_defaults(func=cmd_show)
+    engines = sub.add_parser("engines", help="list engines, what they need, and their options")
+    engines.add_argument("name", nargs="?", default=None, help="only this engine")
+    engines.set_defaults(func=cmd_engines)
     demo = sub.add_parser("demo", help="water optimization + small screening, printed")
     demo.set_defaults(func=cmd_demo)
     return parser

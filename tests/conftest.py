@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,7 @@ os.environ["ATOMFORGE_HOME"] = str(SESSION_HOME / "atomforge")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("ATOMFORGE_DASK_WORKERS", "2")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +45,32 @@ def water_cluster_xyz(side: int = 4, spacing: float = 3.1) -> str:
     lines = [str(len(cluster)), "water cluster"]
     lines += [f"{a.symbol} {a.x:.6f} {a.y:.6f} {a.z:.6f}" for a in cluster]
     return "\n".join(lines) + "\n"
+
+
+SIMULATE_SCRIPT = """
+import asyncio
+import json
+import sys
+from atomforge.flows.models import make_parameters, StructureSource
+from atomforge.flows.simulate import simulate
+
+if __name__ == "__main__":
+    params = make_parameters(**json.loads(sys.argv[2]))
+    asyncio.run(simulate(StructureSource(path=sys.argv[1]), params))
+"""
+
+
+def start_simulate_process(tmp_path: Path, structure: Path, **parameters) -> subprocess.Popen:
+    """Start ``simulate`` of ``structure`` in a process of its own; return that process."""
+    script = tmp_path / "simulate_process.py"
+    script.write_text(SIMULATE_SCRIPT)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(structure), json.dumps(parameters)],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def use_xtb_wrapper(path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
 from atomforge.flows.settings import get_settings
-from tests.conftest import REPO, water_cluster_xyz
-
-FLOW_SCRIPT = """
-import asyncio
-import sys
-from atomforge.flows.models import make_parameters, StructureSource
-from atomforge.flows.simulate import simulate
-
-if __name__ == "__main__":
-    asyncio.run(simulate(StructureSource(path=sys.argv[1]), make_parameters(engine="xtb")))
-"""
+from tests.conftest import start_simulate_process, water_cluster_xyz
 
 
 def _wait_for_engine(control_root: Path, timeout: float = 90) -> dict:
@@ -51,15 +39,7 @@ def _gone(pid: int, timeout: float = 15) -> bool:
 def test_sigterm_to_the_flow_kills_the_engine_tree_and_marks_the_run_crashed(tmp_path):
     structure = tmp_path / "cluster.xyz"
     structure.write_text(water_cluster_xyz(4))
-    script = tmp_path / "flow.py"
-    script.write_text(FLOW_SCRIPT)
-    flow_proc = subprocess.Popen(
-        [sys.executable, str(script), str(structure)],
-        cwd=REPO,
-        env=os.environ.copy(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    flow_proc = start_simulate_process(tmp_path, structure, engine="xtb")
     try:
         control_root = get_settings().resolved_work_root() / ".control"
         record = _wait_for_engine(control_root)

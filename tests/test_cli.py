@@ -39,6 +39,10 @@ def _atomforge(*args: str, home: Path, stdin: str | None = None) -> subprocess.C
         (WATER_XYZ, ["--charge", "one"], "charge: Input should be a valid integer"),
         (WATER_XYZ, ["--run-dir", "../../escape"], "run_dir"),
         (WATER_XYZ, ["--option", "nonsense"], "must look like key=value"),
+        (WATER_XYZ, ["-o", "method=GFN9"], "options.method: Input should be"),
+        (WATER_XYZ, ["-o", "solvent.x=1", "-o", "solvent.x.y=2"], "nests under a plain option"),
+        (WATER_XYZ, ["--kind", "md"], "xtb: no kind 'md'"),
+        (WATER_XYZ, ["--cores", "zero"], "cores: Input should be a valid integer"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_before_any_engine(tmp_path, content, args, message):
@@ -71,3 +75,32 @@ def test_run_screen_and_query_results(tmp_path):
     assert len(out.stdout.strip().splitlines()) == 2
     out = _atomforge("runs", home=home)
     assert out.stdout.count("Completed") == 2
+
+
+def test_run_and_screen_print_only_json_lines_with_json(tmp_path):
+    import json
+
+    home = tmp_path / "home"
+    out = _atomforge("run", "-", "--kind", "singlepoint", "--json", home=home, stdin=WATER_XYZ)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    document = json.loads(line)
+    assert document["formula"] == "H2O" and document["status"] == "completed"
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "water.xyz").write_text(WATER_XYZ)
+    (folder / "h2.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0.74\n")
+    out = _atomforge("screen", str(folder), "--kind", "singlepoint", "--json", home=home)
+    assert out.returncode == 0, out.stderr
+    documents = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [d["formula"] for d in documents] == ["H2O", "H2"]
+    assert all(d["forces_eV_per_A"] for d in documents)
+
+
+def test_engines_lists_each_engine_with_its_needs_and_options(tmp_path):
+    out = _atomforge("engines", home=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for name in ("xtb", "tblite", "emt", "espresso", "lammps", "vasp"):
+        assert f"\n{name}: " in f"\n{out.stdout}"
+    assert "-o ecutwfc (float = " in out.stdout
+    assert "-o ensemble (nve|nvt|npt = " in out.stdout

@@ -92,7 +92,14 @@ def test_screen_runs_on_an_existing_dask_scheduler(scheduler_address):
 
 def test_local_cluster_is_the_default_and_hpc_clusters_are_configurable():
     local = dask_task_runner(Settings(dask_workers=3))
-    assert local.cluster_kwargs["n_workers"] == 3 and local.address is None
+    assert local.address is None
+    assert (local.cluster_kwargs["n_workers"], local.cluster_kwargs["threads_per_worker"]) == (1, 3)
+    assert local.cluster_kwargs["resources"] == {"cores": 3}
+    processes = dask_task_runner(Settings(dask_workers=3, dask_processes=True))
+    assert (processes.cluster_kwargs["n_workers"], processes.cluster_kwargs["resources"]) == (
+        3,
+        {"cores": 1},
+    )
     slurm = dask_task_runner(
         Settings(
             dask_cluster_class="dask_jobqueue.SLURMCluster",
