@@ -29,7 +29,7 @@ def main() -> None:
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
 
-    from atomforge.flows.runner import dask_task_runner
+    from atomforge.flows.scheduling.dask_runner import dask_task_runner
 
     @task(cache_policy=NO_CACHE, persist_result=False)
     async def in_flow_step(value: int) -> int:

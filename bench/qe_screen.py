@@ -56,8 +56,8 @@ def bare_pw(job: tuple[str, dict]) -> float:
 def main() -> None:
     """Run both ways ``--repeat`` times, alternating, and print the median figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ecutwfc", type=float, default=30.0, help="Ry")
-    parser.add_argument("--kpts", type=int, default=8, help="N for an NxNxN grid")
+    parser.add_argument("--ecutwfc", type=float, default=50.0, help="Ry")
+    parser.add_argument("--kpts", type=int, default=12, help="N for an NxNxN grid")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
     args = parser.parse_args()

@@ -84,8 +84,8 @@ class EspressoOptions(EngineOptions):
     ecutrho: float | None = Field(
         None,
         gt=0,
-        description="Density cutoff (Ry); pw.x's default is 4*ecutwfc "
-        "(ultrasoft and PAW pseudopotentials want 8-12*ecutwfc).",
+        description="Density cutoff (Ry); pw.x's default is four times ecutwfc "
+        "(ultrasoft and PAW pseudopotentials want 8 to 12 times ecutwfc).",
     )
     kpts: tuple[int, int, int] | None = Field(
         None, description="Monkhorst-Pack grid, '4,4,4' or [4, 4, 4]; default: from kspacing."

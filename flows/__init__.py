@@ -1,1 +1,1 @@
-"""atomforge flows: thin Prefect flows over the reusable tasks in ``atomforge.flows.tasks``."""
+"""atomforge flows: thin Prefect flows over the reusable tasks in ``atomforge.flows.steps``."""

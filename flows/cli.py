@@ -23,7 +23,7 @@ from atomforge.engines.registry import validation_line
 from atomforge.flows.models import RunOptions, StructureResult, StructureSource
 from atomforge.flows.paths import run_paths
 from atomforge.flows.settings import get_settings
-from atomforge.flows.store import iter_results, iter_runs, query_results, result_path
+from atomforge.flows.store.files import iter_results, iter_runs, query_results, result_path
 
 if TYPE_CHECKING:
     from atomforge.flows.screen import RankedStructure
@@ -84,6 +84,11 @@ def _add_calculation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=None, help="ASE format of the structure file(s)")
     parser.add_argument("--option", "-o", action="append", default=[], help="engine key=value")
     parser.add_argument("--run-dir", default=None, help="folder under the work root")
+    parser.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="compute every structure, even one with a stored result for identical inputs",
+    )
 
 
 def _parameters(args: argparse.Namespace) -> CalculationParameters:
@@ -136,7 +141,7 @@ def print_json_lines(results: Sequence[StructureResult]) -> None:
 
 def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
     """Return source, parameters and options after checking them all (InputError if bad)."""
-    from atomforge.flows.tasks import check_inputs
+    from atomforge.flows.validation import check_inputs
 
     try:
         params = _parameters(args)
@@ -145,6 +150,7 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
             run_dir=args.run_dir,
             skip_invalid=skip_invalid,
             chunk_size=getattr(args, "chunk_size", None),
+            reuse=False if args.no_reuse else None,
         )
     except ValidationError as exc:
         raise InputError(validation_line(exc)) from None
@@ -208,7 +214,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         formula=args.formula,
         status=args.status,
         name=args.name,
-    )[: args.limit]
+        limit=args.limit,
+    )
     if args.json:
         print_json_lines(results)
     else:
@@ -229,11 +236,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print one stored result document as JSON. Return the exit code."""
-    matches = [
-        r
-        for r in query_results(get_settings().resolved_results_root())
-        if args.id in (r.id, f"{r.flow_run_id}/{r.id}") or r.flow_run_id == args.id
-    ]
+    root = get_settings().resolved_results_root()
+    run_id, _, result_id = args.id.rpartition("/")
+    if run_id:
+        matches = query_results(root, flow_run_id=run_id, result_id=result_id)
+    else:
+        matches = query_results(root, result_id=args.id) or query_results(root, flow_run_id=args.id)
     if not matches:
         raise InputError(f"no stored result {args.id!r}")
     for r in matches:

@@ -14,7 +14,7 @@ from prefect.logging import get_logger
 from atomforge.engines.process import kill_recorded
 from atomforge.flows.paths import RunPaths, run_paths
 from atomforge.flows.settings import KeepWorkdir, get_settings
-from atomforge.flows.store import load_run, save_run
+from atomforge.flows.store.files import load_run, save_run
 
 logger = get_logger("atomforge.hooks")
 

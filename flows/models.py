@@ -8,13 +8,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from atomforge.engines.registry import make_parameters, parameters_type
+from atomforge.engines.registry import make_parameters
 from atomforge.engines.status import Status
+from atomforge.flows.form import simulation_parameters_model
 
-SimulationParameters = parameters_type()
-"""The parameters of a simulation: one model per engine, told apart by ``engine``.
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "DEFAULT_PARAMETERS",
+    "RunOptions",
+    "RunSummary",
+    "SimulationParameters",
+    "StructureResult",
+    "StructureSource",
+    "make_parameters",
+]
 
-Build them with :func:`make_parameters`, e.g. ``make_parameters("xtb", kind="singlepoint")``.
+SimulationParameters = simulation_parameters_model()
+"""The flows' parameters form: the engine, shared fields, one options block per engine.
+
+``make_parameters("xtb", kind="singlepoint")`` builds the engine's own model, which the
+flows take as well; ``SimulationParameters(...).resolve()`` turns the form into it.
 """
 
 
@@ -53,6 +66,12 @@ class RunOptions(BaseModel):
     )
     skip_invalid: bool = Field(
         False, description="Screen: report invalid structures and go on instead of failing."
+    )
+    reuse: bool | None = Field(
+        None,
+        description="Reuse a stored completed result whose inputs are identical (structure, "
+        "engine and version, parameters) instead of computing it again; default: "
+        "ATOMFORGE_REUSE (true).",
     )
 
     @field_validator("run_dir")
@@ -98,6 +117,12 @@ class StructureResult(BaseModel):
     n_steps: int | None = None
     final_structure: str | None = Field(None, description="Final structure as extended XYZ.")
     forces_eV_per_A: list[list[float]] | None = None
+    input_key: str | None = Field(
+        None, description="Hash of the inputs (structure, engine and version, parameters)."
+    )
+    reused_from: str | None = Field(
+        None, description="'flow_run_id/id' of the stored result reused instead of computing."
+    )
     corrections: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Each correction an error handler made: problem, message, action, options.",
@@ -131,5 +156,5 @@ class RunSummary(BaseModel):
     finished_at: datetime | None = None
 
 
-DEFAULT_PARAMETERS = make_parameters()
+DEFAULT_PARAMETERS = SimulationParameters()
 DEFAULT_OPTIONS = RunOptions()

@@ -14,30 +14,26 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 
+from atomforge.engines import get_engine
 from atomforge.engines.errors import AtomforgeError
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.status import JobStatus, Status
-from atomforge.flows import artifacts
-from atomforge.flows.chunking import balanced_chunks, estimated_cost, n_chunks
-from atomforge.flows.claims import claim_owner
 from atomforge.flows.hooks import stop_run_engines
+from atomforge.flows.jobs import Job, RunContext, engine_owner, plan_jobs
 from atomforge.flows.models import RunOptions, RunSummary, StructureResult, StructureSource
 from atomforge.flows.paths import run_paths
-from atomforge.flows.progress import RunProgress
-from atomforge.flows.runner import engine_slots
+from atomforge.flows.retry import retrying
+from atomforge.flows.scheduling.chunking import balanced_chunks, estimated_cost, n_chunks
+from atomforge.flows.scheduling.claims import claim_owner
+from atomforge.flows.scheduling.dask_runner import engine_slots
 from atomforge.flows.settings import KeepWorkdir, get_settings
-from atomforge.flows.store import save_result, save_run
-from atomforge.flows.tasks import (
-    Job,
-    RunContext,
-    engine_owner,
-    make_result,
-    parse_results,
-    plan_jobs,
-    prepare_inputs,
-    run_engine,
-    validate,
-)
+from atomforge.flows.steps import parse_results, prepare_inputs, run_engine, validate
+from atomforge.flows.store.documents import make_result, reused_result
+from atomforge.flows.store.files import load_result, save_result, save_run
+from atomforge.flows.store.index import find_completed
+from atomforge.flows.store.keys import input_key
+from atomforge.flows.ui import artifacts
+from atomforge.flows.ui.progress import RunProgress
 
 ENGINE_STOP_POLL_SECONDS = 0.1
 
@@ -74,7 +70,7 @@ async def _follow(
         return all(engine_run.wrapped_future.done() for engine_run in engine_runs)
 
     try:
-        results = await parse_results(
+        results = await retrying(parse_results)(
             chunks, params, run, engines_finished=engines_finished, on_parsed=progress.advance
         )
     except Exception as exc:
@@ -97,6 +93,31 @@ async def _follow(
             )
             results += _unrun_results([job], params, run, JobStatus(Status.failed, reason))
     return results
+
+
+def _reuse_stored(
+    jobs: list[Job], params: CalculationParameters, run: RunContext, reuse: bool
+) -> tuple[list[StructureResult], list[Job]]:
+    """Return the results reused from the store and the jobs still to compute.
+
+    Each job gets its input key; with ``reuse``, a job whose key has a stored completed
+    result gets a document made from it (one index look-up for the whole run).
+    """
+    version = get_engine(params.engine).version()
+    for job in jobs:
+        job.input_key = input_key(job.atoms, params, version)
+    if not reuse:
+        return [], jobs
+    found = find_completed(run.results_root, [job.input_key for job in jobs])
+    reused, to_compute = [], []
+    for job in jobs:
+        origin = found.get(job.input_key)
+        stored = load_result(run.results_root, *origin) if origin else None
+        if stored is None:
+            to_compute.append(job)
+        else:
+            reused.append(reused_result(job, run, stored))
+    return reused, to_compute
 
 
 def _describe(exc: BaseException) -> str:
@@ -179,30 +200,41 @@ async def run_structures(
     try:
         validated = await validate(source, params, options.skip_invalid)
         slots = engine_slots(context.task_runner, settings, params.cores)
-        jobs = plan_jobs(validated.structures, 0, paths)
-        progress.total = len(jobs)
+        planned = plan_jobs(validated.structures, 0, paths)
+        progress.total = len(planned)
         run = RunContext(flow_run_id, flow_name, paths, results_root)
+        reuse = settings.reuse if options.reuse is None else options.reuse
+        reused, jobs = _reuse_stored(planned, params, run, reuse)
+        for result in reused:
+            progress.advance(result)
         chunks = balanced_chunks(
             jobs,
             [estimated_cost(job.atoms) for job in jobs],
             n_chunks(len(jobs), slots.slots, options.chunk_size or settings.chunk_size),
         )
         get_run_logger().info(
-            "%d structure(s) in %d chunk(s), %d at a time; work dir %s",
+            "%d structure(s) to compute in %d chunk(s), %d at a time, %d reused; work dir %s",
             len(jobs),
             len(chunks),
             slots.slots,
+            len(reused),
             paths.work_dir,
         )
-        await prepare_inputs([job for chunk in chunks for job in chunk], params)
-        directories = [[job.directory for job in chunk] for chunk in chunks]
-        with dask.annotate(resources=slots.resources) if slots.resources else nullcontext():
-            engine_runs = [
-                run_engine.submit(directories, index, params, run) for index in range(len(chunks))
-            ]
-        results = await _follow(engine_runs, chunks, params, run, progress)
+        results = list(reused)
+        if jobs:
+            await retrying(prepare_inputs)([job for chunk in chunks for job in chunk], params)
+            directories = [[job.directory for job in chunk] for chunk in chunks]
+            with dask.annotate(resources=slots.resources) if slots.resources else nullcontext():
+                run_chunk = retrying(run_engine)
+                engine_runs = [
+                    run_chunk.submit(directories, index, params, run)
+                    for index in range(len(chunks))
+                ]
+            results += await _follow(engine_runs, chunks, params, run, progress)
         results.sort(key=lambda result: result.index)
-        rejected = plan_jobs([structure for structure, _ in validated.rejected], len(jobs), paths)
+        rejected = plan_jobs(
+            [structure for structure, _ in validated.rejected], len(planned), paths
+        )
         for job, (_, message) in zip(rejected, validated.rejected):
             results.extend(_unrun_results([job], params, run, JobStatus(Status.invalid, message)))
         for result in _clean_workdirs(results, paths.work_dir, settings.keep_workdir):

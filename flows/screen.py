@@ -19,7 +19,7 @@ from atomforge.flows.models import (
     StructureSource,
 )
 from atomforge.flows.pipeline import run_structures
-from atomforge.flows.runner import simulation_flow_options
+from atomforge.flows.scheduling.dask_runner import simulation_flow_options
 
 RankKey = Literal["energy_per_atom", "energy", "gap"]
 
@@ -50,7 +50,8 @@ class ScreenReport(BaseModel):
 
     It holds one line per structure, not the whole documents: a screen of hundreds
     would otherwise store every structure and force twice, once more in Prefect's copy
-    of the flow's result. ``atomforge.flows.store.iter_results(root, flow_run_id)`` reads them all.
+    of the flow's result. ``atomforge.flows.store.files.iter_results(root, flow_run_id)``
+    reads them all.
     """
 
     flow_run_id: str
@@ -80,7 +81,7 @@ async def screen(
 ) -> ScreenReport:
     """Compute every structure of ``source`` and return them ranked by ``rank_by``."""
     title = f"screen: {parameters.engine} {parameters.kind.value}, ranked by {rank_by}"
-    outcome = await run_structures(source, parameters, options, title)
+    outcome = await run_structures(source, parameters.resolve(), options, title)
     ranked = rank(outcome.results, rank_by)
     await outcome.publish("screen", title, ranked)
     return ScreenReport(

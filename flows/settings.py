@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         description="Most corrections the engines' error handlers make to one structure "
         "before it fails with the whole story.",
     )
+    reuse: bool = Field(
+        True,
+        description="Reuse stored completed results whose inputs are identical, unless a "
+        "run says otherwise (its options.reuse).",
+    )
     min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
 
     def resolved_work_root(self) -> Path:

@@ -20,7 +20,7 @@ from atomforge.flows.models import (
     StructureSource,
 )
 from atomforge.flows.pipeline import run_structures
-from atomforge.flows.runner import simulation_flow_options
+from atomforge.flows.scheduling.dask_runner import simulation_flow_options
 
 
 @flow(name="simulate", **simulation_flow_options())
@@ -31,7 +31,7 @@ async def simulate(
 ) -> StructureResult:
     """Compute one structure; return its result document (the flow fails if it did not finish)."""
     title = f"{parameters.engine} {parameters.kind.value}"
-    outcome = await run_structures(structure, parameters, options, title)
+    outcome = await run_structures(structure, parameters.resolve(), options, title)
     if len(outcome.results) != 1:
         raise InputError(f"simulate takes one structure, got {len(outcome.results)}: use screen")
     await outcome.publish("simulate", title)

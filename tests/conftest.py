@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("ATOMFORGE_DASK_WORKERS", "2")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ["ATOMFORGE_REUSE"] = "false"  # each test computes; tests of reuse turn it on
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,30 +48,42 @@ def water_cluster_xyz(side: int = 4, spacing: float = 3.1) -> str:
     return "\n".join(lines) + "\n"
 
 
-SIMULATE_SCRIPT = """
+FLOW_SCRIPT = """
 import asyncio
 import json
 import sys
 from atomforge.flows.models import make_parameters, StructureSource
-from atomforge.flows.simulate import simulate
+from atomforge.flows.{flow} import {flow}
 
 if __name__ == "__main__":
     params = make_parameters(**json.loads(sys.argv[2]))
-    asyncio.run(simulate(StructureSource(path=sys.argv[1]), params))
+    asyncio.run({flow}(StructureSource(path=sys.argv[1]), params))
 """
 
 
 def start_simulate_process(tmp_path: Path, structure: Path, **parameters) -> subprocess.Popen:
     """Start ``simulate`` of ``structure`` in a process of its own; return that process."""
-    script = tmp_path / "simulate_process.py"
-    script.write_text(SIMULATE_SCRIPT)
-    return subprocess.Popen(
-        [sys.executable, str(script), str(structure), json.dumps(parameters)],
-        cwd=REPO,
-        env=os.environ.copy(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    return _start_flow_process(tmp_path, "simulate", structure, parameters)
+
+
+def start_screen_process(tmp_path: Path, source: Path, **parameters) -> subprocess.Popen:
+    """Start ``screen`` of ``source`` in a process of its own; return that process."""
+    return _start_flow_process(tmp_path, "screen", source, parameters)
+
+
+def _start_flow_process(
+    tmp_path: Path, flow: str, source: Path, parameters: dict
+) -> subprocess.Popen:
+    script = tmp_path / f"{flow}_process.py"
+    script.write_text(FLOW_SCRIPT.replace("{flow}", flow))
+    with (tmp_path / f"{flow}_process.log").open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, str(script), str(source), json.dumps(parameters)],
+            cwd=REPO,
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def use_xtb_wrapper(path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -60,7 +60,7 @@ def test_sigterm_to_the_flow_kills_the_engine_tree_and_marks_the_run_crashed(tmp
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(record["flow_run_id"]).state
     assert state.is_crashed()
-    from atomforge.flows.store import load_run
+    from atomforge.flows.store.files import load_run
 
     run = load_run(get_settings().resolved_results_root(), record["flow_run_id"])
     assert run.state == "Crashed"

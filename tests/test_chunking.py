@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ase.build import molecule
 
-from atomforge.flows.chunking import balanced_chunks, estimated_cost, n_chunks
+from atomforge.flows.scheduling.chunking import balanced_chunks, estimated_cost, n_chunks
 
 
 def test_one_chunk_per_worker_unless_a_chunk_size_is_given():

@@ -14,7 +14,7 @@ import pytest
 from distributed import Client
 
 from atomforge.flows.models import StructureSource, make_parameters
-from atomforge.flows.runner import dask_task_runner
+from atomforge.flows.scheduling.dask_runner import dask_task_runner
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import Settings
 from tests.conftest import REPO

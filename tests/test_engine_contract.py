@@ -73,7 +73,11 @@ def test_the_simulate_flow_form_offers_each_engine_with_its_options():
 
     schema = simulate.parameters.model_dump()
     definitions = schema["definitions"]
+    form = definitions["SimulationParameters"]["properties"]
+    assert form["engine"]["enum"] == ENGINES
+    assert not {"oneOf", "anyOf", "discriminator"} & set(schema["properties"]["parameters"])
     for name in ENGINES:
+        assert form[name]["$ref"].endswith(engine_classes()[name].options_model.__name__)
         options = engine_classes()[name].options_model
         assert options.__name__ in definitions, name
         described = definitions[options.__name__]["properties"]
@@ -119,3 +123,17 @@ def test_another_package_adds_an_engine_through_the_entry_point_group(tmp_path):
         [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.stdout.strip() == "echo", out.stderr
+
+
+def test_the_form_takes_the_ui_shape_and_the_engine_specific_shape_alike():
+    from atomforge.engines import make_parameters
+    from atomforge.flows.models import SimulationParameters
+
+    expected = make_parameters("espresso", kind="singlepoint", options={"ecutwfc": 25})
+    shapes = [
+        {"engine": "espresso", "kind": "singlepoint", "espresso": {"ecutwfc": 25}},
+        {"engine": "espresso", "kind": "singlepoint", "options": {"ecutwfc": 25}},
+        expected,
+    ]
+    for shape in shapes:
+        assert SimulationParameters.model_validate(shape).resolve() == expected

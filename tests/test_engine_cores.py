@@ -15,7 +15,7 @@ from atomforge.flows.models import RunOptions, StructureSource
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import get_settings
 from atomforge.flows.simulate import simulate
-from atomforge.flows.store import iter_results
+from atomforge.flows.store.files import iter_results
 from tests.conftest import use_xtb_wrapper
 
 

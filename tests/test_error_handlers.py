@@ -23,7 +23,7 @@ def _simulate(monkeypatch, max_corrections: int, text: str = WATER_XYZ, **parame
 
 def _document(state):
     from atomforge.flows.settings import get_settings
-    from atomforge.flows.store import query_results
+    from atomforge.flows.store.files import query_results
 
     root = get_settings().resolved_results_root()
     (result,) = query_results(root, flow_run_id=str(state.state_details.flow_run_id))

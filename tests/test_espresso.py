@@ -30,7 +30,7 @@ from atomforge.engines.structures import to_extxyz
 from atomforge.flows.models import StructureSource, make_parameters
 from atomforge.flows.settings import get_settings
 from atomforge.flows.simulate import simulate
-from atomforge.flows.tasks import check_inputs
+from atomforge.flows.validation import check_inputs
 from tests.conftest import start_simulate_process
 
 pytestmark = pytest.mark.skipif(shutil.which("pw.x") is None, reason="needs pw.x")

@@ -21,7 +21,7 @@ from atomforge.flows.models import RunOptions, StructureSource, make_parameters
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import get_settings
 from atomforge.flows.simulate import simulate
-from atomforge.flows.store import iter_results, load_run, query_results
+from atomforge.flows.store.files import iter_results, load_run, query_results
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -120,9 +120,10 @@ def test_parse_takes_completed_structures_of_every_chunk_while_the_engines_still
     from atomforge.engines.runloop import RunControl, run_jobs
     from atomforge.engines.status import JobStatus
     from atomforge.engines.structures import NamedStructure, read_structures
+    from atomforge.flows.jobs import RunContext, plan_jobs
     from atomforge.flows.paths import run_paths
     from atomforge.flows.settings import Settings
-    from atomforge.flows.tasks import RunContext, parse_results, plan_jobs, prepare_inputs
+    from atomforge.flows.steps import parse_results, prepare_inputs
     from tests.conftest import WATER_XYZ
 
     settings = Settings(home=tmp_path)
@@ -257,3 +258,24 @@ def test_engine_timeout_kills_the_engine_and_fails_clearly():
         get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
     )[0]
     assert result.status == "timeout" and result.wall_seconds < 10
+
+
+def test_importing_the_flows_reads_no_settings_and_starts_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "not-yet"
+    check = (
+        "import os, sys\n"
+        "import atomforge.flows.screen, atomforge.flows.simulate as s\n"
+        "assert not os.path.exists(sys.argv[1]), 'settings read at import'\n"
+        "assert s.simulate.task_runner._cluster is None and not s.simulate.task_runner._started\n"
+        "print(type(s.simulate.task_runner).__name__)\n"
+    )
+    env = os.environ | {"ATOMFORGE_HOME": str(home)}
+    out = subprocess.run(
+        [sys.executable, "-c", check, str(home)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "SettingsDaskTaskRunner"

@@ -32,7 +32,7 @@ from atomforge.engines.status import JobStatus, Status
 from atomforge.engines.structures import to_extxyz
 from atomforge.flows.models import StructureSource, make_parameters
 from atomforge.flows.simulate import simulate
-from atomforge.flows.tasks import check_inputs
+from atomforge.flows.validation import check_inputs
 
 DATA = Path(__file__).parent / "data" / "lammps"
 POTENTIALS = Path("/usr/share/lammps/potentials")
@@ -54,7 +54,7 @@ def _run(atoms, monkeypatch=None, max_corrections: int = 3, **params):
 def _document(state):
     """Return the result document of a finished simulate run."""
     from atomforge.flows.settings import get_settings
-    from atomforge.flows.store import query_results
+    from atomforge.flows.store.files import query_results
 
     root = get_settings().resolved_results_root()
     (result,) = query_results(root, flow_run_id=str(state.state_details.flow_run_id))

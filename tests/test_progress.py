@@ -9,7 +9,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 from prefect.logging import get_run_logger
 
 from atomforge.flows.models import StructureResult
-from atomforge.flows.progress import RunProgress
+from atomforge.flows.ui.progress import RunProgress
 
 
 def _result(name: str) -> StructureResult:

@@ -10,13 +10,13 @@ from prefect.states import Failed
 
 from atomforge.engines.errors import EngineError, InputError, RunStopped
 from atomforge.flows.models import StructureSource, make_parameters
+from atomforge.flows.retry import is_worth_retrying
 from atomforge.flows.simulate import simulate
-from atomforge.flows.tasks import is_worth_retrying
 from tests.conftest import use_xtb_wrapper
 
 KILLED_ONCE = """#!/bin/sh
-# Real xtb, except that its first start is killed with SIGKILL, as the OOM killer would.
-if [ ! -e "{marker}" ]; then
+# Real xtb, except that its first calculation is killed with SIGKILL, as the OOM killer would.
+if [ "$1" = "input.xyz" ] && [ ! -e "{marker}" ]; then
   touch "{marker}"
   kill -9 $$
 fi

@@ -8,12 +8,12 @@ from pathlib import Path
 from ase.build import molecule
 from ase.io import write
 
-from atomforge.flows.claims import claim, claim_owner, claimed_directories
+from atomforge.flows.jobs import engine_owner
 from atomforge.flows.models import StructureSource, make_parameters
+from atomforge.flows.scheduling.claims import claim, claim_owner, claimed_directories
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import get_settings
-from atomforge.flows.store import iter_results
-from atomforge.flows.tasks import engine_owner
+from atomforge.flows.store.files import iter_results
 from tests.conftest import use_xtb_wrapper
 
 LATE_FOR_SOME = """#!/bin/sh

@@ -31,7 +31,7 @@ from atomforge.engines.structures import to_extxyz
 from atomforge.engines.vasp import StrongerScf
 from atomforge.flows.models import StructureSource
 from atomforge.flows.simulate import simulate
-from atomforge.flows.tasks import check_inputs
+from atomforge.flows.validation import check_inputs
 from tests.conftest import REPO
 
 VASP_DATA = Path(ase.__file__).parent / "test" / "testdata" / "vasp"

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from atomforge.flows.models import RunSummary, StructureResult
+from atomforge.flows.store.index import index_result, query_index
 
 RUN_FILE = "run.json"
 
@@ -36,8 +37,19 @@ def result_path(root: Path, result: StructureResult) -> Path:
 
 
 def save_result(root: Path, result: StructureResult) -> Path:
-    """Store one structure's result; return its path."""
-    return write_json(result_path(root, result), result)
+    """Store one structure's result and index it; return its path."""
+    path = write_json(result_path(root, result), result)
+    index_result(root, result)
+    return path
+
+
+def load_result(root: Path, flow_run_id: str, result_id: str) -> StructureResult | None:
+    """Return one stored result document, or None if it is not there (or unreadable)."""
+    path = root / flow_run_id / f"{result_id}.json"
+    try:
+        return StructureResult.model_validate_json(path.read_text())
+    except (OSError, ValidationError):
+        return None
 
 
 def save_run(root: Path, summary: RunSummary) -> Path:
@@ -82,19 +94,20 @@ def query_results(
     formula: str | None = None,
     status: str | None = None,
     name: str | None = None,
+    result_id: str | None = None,
+    limit: int | None = None,
 ) -> list[StructureResult]:
-    """Return stored results matching every given filter (a run id may be a prefix)."""
-    matches = []
-    for result in iter_results(root):
-        if flow_run_id and not result.flow_run_id.startswith(flow_run_id):
-            continue
-        if engine and result.engine != engine:
-            continue
-        if formula and result.formula != formula:
-            continue
-        if status and result.status != status:
-            continue
-        if name and name not in result.name:
-            continue
-        matches.append(result)
-    return matches
+    """Return stored results matching every given filter, newest first (a run id may be a
+    prefix), found through the index: only the matching documents are read."""
+    found = query_index(
+        root,
+        flow_run_id=flow_run_id,
+        engine=engine,
+        formula=formula,
+        status=status,
+        name=name,
+        result_id=result_id,
+        limit=limit,
+    )
+    documents = (load_result(root, run_id, result_id) for run_id, result_id in found)
+    return [document for document in documents if document is not None]

@@ -13,6 +13,15 @@ from prefect_dask import DaskTaskRunner
 from atomforge.engines.errors import InputError
 from atomforge.flows.settings import Settings, get_settings
 
+QUIET_LOCAL_CLUSTER = {
+    "distributed.scheduler.work-stealing": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+"""Dask's periodic work in the flow's process, made rarer: each run-engine task is one
+long chunk that atomforge balances itself (claims, take-over), so work stealing has
+nothing to do, and every millisecond of CPU the scheduler's loop spends is taken from
+the engines on a small machine."""
 CORES = "cores"
 """The Dask worker resource that counts cores: an N-core engine task takes N of them."""
 
@@ -38,7 +47,12 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
             cluster_kwargs=settings.dask_cluster_kwargs,
             adapt_kwargs=adapt,
         )
-    dask.config.set({"distributed.worker.profile.enabled": settings.dask_profile})
+    dask.config.set(
+        {
+            "distributed.worker.profile.enabled": settings.dask_profile,
+            **QUIET_LOCAL_CLUSTER,
+        }
+    )
     per_worker = 1 if settings.dask_processes else settings.dask_workers
     return DaskTaskRunner(
         cluster_kwargs={
@@ -93,12 +107,24 @@ def engine_slots(task_runner: TaskRunner | None, settings: Settings, cores: int)
     return EngineSlots(threads or settings.dask_workers, None)
 
 
+class SettingsDaskTaskRunner(DaskTaskRunner):
+    """A Dask task runner set up from the settings when a flow run starts, not at import.
+
+    Prefect gives each flow run a duplicate of its flow's task runner; this one's
+    duplicate is :func:`dask_task_runner` as the environment says at that moment.
+    """
+
+    def duplicate(self) -> DaskTaskRunner:
+        """Return the task runner the settings describe now."""
+        return dask_task_runner()
+
+
 def simulation_flow_options() -> dict[str, Any]:
     """Return the options every atomforge flow shares: Dask runner, stop hooks, JSON results."""
     from atomforge.flows.hooks import stop_engines
 
     return {
-        "task_runner": dask_task_runner(),
+        "task_runner": SettingsDaskTaskRunner(),
         "on_cancellation": [stop_engines],
         "on_crashed": [stop_engines],
         "persist_result": True,

@@ -1,0 +1,109 @@
+"""Result documents: a structure's inputs, how its run ended, and what the engine computed."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+from ase.units import GPa, Hartree
+
+from atomforge.engines import get_engine
+from atomforge.engines.base import Engine, EngineResults
+from atomforge.engines.parameters import CalculationParameters
+from atomforge.engines.status import JobStatus, Status
+from atomforge.engines.structures import to_extxyz
+from atomforge.flows.jobs import Job, RunContext
+from atomforge.flows.models import StructureResult
+from atomforge.flows.store.files import save_result
+
+
+def make_result(
+    job: Job,
+    params: CalculationParameters,
+    run: RunContext,
+    status: JobStatus,
+    engine: Engine | None = None,
+) -> StructureResult:
+    """Return the result document of ``job`` with its inputs and how it ended (no outputs)."""
+    engine = engine or get_engine(params.engine)
+    return StructureResult(
+        id=f"{job.index:05d}-{job.name}",
+        flow_run_id=run.flow_run_id,
+        flow_name=run.flow_name,
+        index=job.index,
+        name=job.name,
+        status=status.status,
+        message=status.message,
+        corrections=status.corrections,
+        engine=engine.name,
+        engine_version=engine.version(),
+        parameters=params.model_dump(mode="json"),
+        formula=job.atoms.get_chemical_formula(mode="hill"),
+        n_atoms=len(job.atoms),
+        input_structure=job.input_extxyz,
+        wall_seconds=status.wall_seconds,
+        workdir=str(job.directory),
+        input_key=job.input_key,
+    )
+
+
+def reused_result(job: Job, run: RunContext, stored: StructureResult) -> StructureResult:
+    """Return (and store) the document of ``job`` made from ``stored``, a completed result
+    with the same input key: its outputs, this run's identity, and where it came from."""
+    result = stored.model_copy(
+        update={
+            "id": f"{job.index:05d}-{job.name}",
+            "flow_run_id": run.flow_run_id,
+            "flow_name": run.flow_name,
+            "index": job.index,
+            "name": job.name,
+            "input_structure": job.input_extxyz,
+            "wall_seconds": 0.0,
+            "reused_from": f"{stored.flow_run_id}/{stored.id}",
+            "created_at": datetime.now(timezone.utc),
+        }
+    )
+    save_result(run.results_root, result)
+    return result
+
+
+def fill_outputs(result: StructureResult, out: EngineResults) -> None:
+    """Copy what the engine computed into ``result``, in the document's units."""
+    result.energy_eV = out.energy
+    result.energy_hartree = out.energy / Hartree
+    result.energy_per_atom_eV = out.energy / len(out.atoms)
+    result.gap_eV = out.gap
+    result.fermi_level_eV = out.fermi_level
+    result.converged = out.converged
+    result.n_steps = out.n_steps
+    result.final_structure = to_extxyz(out.atoms)
+    if out.forces is not None:
+        result.forces_eV_per_A = np.asarray(out.forces).tolist()
+        result.max_force_eV_per_A = float(np.linalg.norm(out.forces, axis=1).max())
+    if out.stress is not None:
+        stress = np.asarray(out.stress, dtype=float).reshape(-1)
+        result.stress_eV_per_A3 = stress.tolist()
+        result.pressure_GPa = float(-stress[:3].mean() / GPa)
+    if out.magmoms is not None:
+        result.magnetic_moments = np.asarray(out.magmoms, dtype=float).tolist()
+    result.magnetic_moment = out.magmom
+    result.properties = out.properties
+    if out.version:
+        result.engine_version = out.version
+
+
+def parse_job(
+    job: Job, status: JobStatus, params: CalculationParameters, run: RunContext, engine: Engine
+) -> StructureResult:
+    """Return and store the result document of ``job``, with the engine's outputs if it finished."""
+    result = make_result(job, params, run, status, engine)
+    if status.completed:
+        try:
+            out = engine.read_results(job.directory, params)
+        except (OSError, ValueError, KeyError) as exc:
+            result.status = Status.failed
+            result.message = f"cannot read results: {exc}"
+        else:
+            fill_outputs(result, out)
+    save_result(run.results_root, result)
+    return result

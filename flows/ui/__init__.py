@@ -1,0 +1,1 @@
+"""What a person sees of a run: artifacts (tables, summaries, links), progress, engine output."""

@@ -1,0 +1,66 @@
+"""validate's checks: every structure of a source, against the geometry rules and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from atomforge.engines import get_engine
+from atomforge.engines.base import Engine
+from atomforge.engines.errors import InputError
+from atomforge.engines.parameters import CalculationParameters
+from atomforge.engines.structures import (
+    NamedStructure,
+    check_electrons,
+    check_geometry,
+    read_structures,
+)
+from atomforge.flows.models import StructureSource
+from atomforge.flows.settings import get_settings
+
+
+@dataclass
+class ValidatedInput:
+    """Structures that passed validation, and those rejected (when asked to skip them)."""
+
+    structures: list[NamedStructure]
+    rejected: list[tuple[NamedStructure, str]] = field(default_factory=list)
+
+
+def validate_structure(
+    structure: NamedStructure, params: CalculationParameters, engine: Engine, min_distance: float
+) -> None:
+    """Raise InputError unless ``engine`` can compute ``structure`` with ``params``."""
+    check_geometry(structure.atoms, structure.name, min_distance)
+    if engine.supports_charge:
+        check_electrons(structure.atoms, params.charge, params.multiplicity, structure.name)
+    try:
+        engine.check(structure.atoms, params)
+    except InputError as exc:
+        raise InputError(f"{structure.name}: {exc}") from None
+
+
+def check_inputs(
+    source: StructureSource, params: CalculationParameters, skip_invalid: bool = False
+) -> ValidatedInput:
+    """Return the structures of ``source`` that pass every check; raise InputError otherwise.
+
+    With ``skip_invalid`` an invalid structure is set aside with its reason instead.
+    """
+    engine = get_engine(params.engine)
+    engine.check_installed(params)
+    min_distance = get_settings().min_distance
+    structures = read_structures(source.path, source.text, source.format)
+    accepted: list[NamedStructure] = []
+    rejected: list[tuple[NamedStructure, str]] = []
+    for structure in structures:
+        try:
+            validate_structure(structure, params, engine, min_distance)
+        except InputError as exc:
+            if not skip_invalid:
+                raise
+            rejected.append((structure, str(exc)))
+            continue
+        accepted.append(structure)
+    if not accepted:
+        raise InputError(f"no valid structure to compute ({len(rejected)} rejected)")
+    return ValidatedInput(accepted, rejected)
