@@ -27,6 +27,7 @@ BUILTIN_ENGINES = {
     "espresso": "atomforge.engines.espresso:EspressoEngine",
     "lammps": "atomforge.engines.lammps:LammpsEngine",
     "vasp": "atomforge.engines.vasp:VaspEngine",
+    "chgnet": "atomforge.engines.chgnet:ChgnetEngine",
 }
 
 
@@ -59,12 +60,22 @@ def get_engine(name: str) -> Engine:
     return classes[name]()
 
 
+def _model_name(cls: type[Engine]) -> str:
+    """Return the name of the parameters model of engine class ``cls``: ``XtbParameters``."""
+    return f"{cls.__name__.removesuffix('Engine')}Parameters"
+
+
 @cache
 def parameters_model(name: str) -> type[CalculationParameters]:
-    """Return the parameters model of engine ``name``: the shared fields plus its options."""
+    """Return the parameters model of engine ``name``: the shared fields plus its options.
+
+    The model is importable from this module by its name (``registry.XtbParameters``), so
+    pickle sends it to Dask workers by reference instead of rebuilding the class there.
+    """
     cls = engine_classes()[name]
     return create_model(
-        f"{cls.__name__.removesuffix('Engine')}Parameters",
+        _model_name(cls),
+        __module__=__name__,
         __base__=CalculationParameters,
         __doc__=f"How to compute each structure with {name}: {cls.description}.",
         engine=(Literal[name], Field(name, description="The engine: " + cls.description)),
@@ -73,6 +84,14 @@ def parameters_model(name: str) -> type[CalculationParameters]:
             Field(default_factory=cls.options_model, description=f"Options of {name}."),
         ),
     )
+
+
+def __getattr__(name: str) -> type[CalculationParameters]:
+    """Return the parameters model called ``name`` (module attribute look-up, PEP 562)."""
+    for engine, cls in engine_classes().items():
+        if _model_name(cls) == name:
+            return parameters_model(engine)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @cache
