@@ -124,6 +124,7 @@ def main() -> None:
     if args.bare:
         return bare_main(args.bare, args)
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
+    os.environ["ATOMFORGE_REUSE"] = "false"  # every round computes
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
 
     from atomforge.engines.structures import to_extxyz

@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
     args = parser.parse_args()
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
+    os.environ["ATOMFORGE_REUSE"] = "false"  # every round computes
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
 
     from atomforge.engines.structures import to_extxyz
