@@ -23,8 +23,8 @@ from ase.calculators.calculator import Calculator
 from pydantic import Field, field_validator
 
 from atomforge.engines.ase_engine import AseEngine
-from atomforge.engines.ase_md import MdOptions
 from atomforge.engines.errors import InputError
+from atomforge.engines.md_options import MdOptions
 from atomforge.engines.parameters import CalculationKind, CalculationParameters
 
 if TYPE_CHECKING:

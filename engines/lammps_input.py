@@ -15,8 +15,8 @@ from typing import Literal
 from ase.data import atomic_numbers, chemical_symbols
 from pydantic import Field
 
-from atomforge.engines.base import EngineOptions
 from atomforge.engines.errors import InputError
+from atomforge.engines.md_options import MdOptions
 from atomforge.engines.parameters import CalculationKind, CalculationParameters
 
 SCRIPT, DATA, LOG = "in.lmp", "data.lmp", "log.lammps"
@@ -33,7 +33,7 @@ DUMP_COLUMNS = "id type x y z vx vy vz fx fy fz"
 FLOAT_FORMAT = "format float %.15g"
 
 
-class LammpsOptions(EngineOptions):
+class LammpsOptions(MdOptions):
     """Options of LAMMPS: the potential, and the integrator for kind ``md``."""
 
     potential: str | None = Field(
@@ -60,17 +60,6 @@ class LammpsOptions(EngineOptions):
     cell_relax: Literal["iso", "aniso", "tri"] = Field(
         "iso", description="How fix box/relax changes the cell with relax_cell (to 0 pressure)."
     )
-    ensemble: Literal["nve", "nvt", "npt"] = Field("nvt", description="MD ensemble (kind md).")
-    temperature: float | None = Field(
-        None, gt=0, description="MD temperature in K: initial velocities and thermostat."
-    )
-    pressure: float | None = Field(None, description="NPT target pressure in bar.")
-    steps: int = Field(1000, ge=0, description="MD steps.")
-    timestep_fs: float = Field(1.0, gt=0, description="MD time step in fs.")
-    thermo_every: int = Field(
-        10, ge=1, description="Thermo output (and MD trajectory frame) every this many steps."
-    )
-    seed: int = Field(12345, ge=1, description="Random seed of the initial MD velocities.")
 
     def problem(self, kind: CalculationKind) -> str | None:
         """Return what is missing or contradictory for a calculation of ``kind``, or None."""
@@ -80,11 +69,7 @@ class LammpsOptions(EngineOptions):
             return "pair_style needs pair_coeff lines"
         if self.potential is not None and self.pair_coeff:
             return "pair_coeff goes with pair_style, not with potential"
-        if kind is CalculationKind.md and self.ensemble != "nve" and self.temperature is None:
-            return f"ensemble {self.ensemble} needs a temperature"
-        if kind is CalculationKind.md and self.ensemble == "npt" and self.pressure is None:
-            return "ensemble npt needs a pressure"
-        return None
+        return self.md_problem() if kind is CalculationKind.md else None
 
 
 def pair_style_of(path: Path) -> str:

@@ -27,9 +27,10 @@ from ase.calculators.emt import EMT
 from ase.io import read, write
 
 from atomforge.engines import get_engine
-from atomforge.engines.ase_md import MdOptions, run_md
+from atomforge.engines.ase_md import run_md
 from atomforge.engines.base import STRUCTURE_FILE
 from atomforge.engines.errors import InputError, RunStopped
+from atomforge.engines.md_options import MdOptions
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.runloop import RunControl, run_jobs
 from atomforge.engines.status import Status
