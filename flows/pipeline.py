@@ -130,17 +130,19 @@ def _clean_workdirs(
 ) -> list[StructureResult]:
     """Remove working directories the keep policy does not keep; return the results changed.
 
-    A result whose directory is removed forgets it (its ``workdir`` becomes None).
+    A result whose directory is removed forgets it (its ``workdir`` becomes None). A
+    reused result's directory belongs to the run that computed it and is left alone.
     """
     if policy is KeepWorkdir.always:
         return []
+    own = [result for result in results if not result.reused_from]
     changed = []
-    for result in results:
+    for result in own:
         if result.workdir and (policy is KeepWorkdir.never or result.ok):
             shutil.rmtree(result.workdir, ignore_errors=True)
             result.workdir = None
             changed.append(result)
-    if policy is KeepWorkdir.never or not any(r.workdir for r in results):
+    if policy is KeepWorkdir.never or not any(r.workdir for r in own):
         shutil.rmtree(work_dir, ignore_errors=True)
     return changed
 

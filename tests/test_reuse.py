@@ -62,6 +62,17 @@ def test_a_second_screen_reuses_every_stored_result(tmp_path):
     assert not work.exists() or not any(work.iterdir())
 
 
+def test_cleaning_a_run_leaves_the_work_of_the_run_it_reused(tmp_path, monkeypatch):
+    folder = _folder(tmp_path, ("H2O",))
+    params = make_parameters("xtb", kind="singlepoint")
+    first = asyncio.run(screen(StructureSource(path=str(folder)), params))
+    monkeypatch.setenv("ATOMFORGE_KEEP_WORKDIR", "never")
+    second = asyncio.run(screen(StructureSource(path=str(folder)), params))
+    kept = _documents(first.flow_run_id)["H2O"].workdir
+    assert _documents(second.flow_run_id)["H2O"].reused_from
+    assert Path(kept, "xtb.log").exists()
+
+
 def test_no_reuse_and_changed_parameters_compute_again(tmp_path):
     folder = _folder(tmp_path, ("H2O",))
     params = make_parameters("xtb", kind="singlepoint")
