@@ -10,9 +10,11 @@ as extended XYZ.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import contextmanager
 from pathlib import Path
 
 from atomforge.flows.models import StructureResult
@@ -41,19 +43,35 @@ CREATE INDEX IF NOT EXISTS results_by_created ON results (created_at);
 """
 
 
-def _connect(root: Path) -> sqlite3.Connection:
-    """Return a connection to the index of ``root``, creating its table on first use."""
-    connection = sqlite3.connect(root / INDEX_FILE, timeout=60, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.executescript(SCHEMA)
-    return connection
+_OPEN: dict[tuple[Path, int], sqlite3.Connection] = {}
+_LOCK = threading.Lock()
+
+
+@contextmanager
+def _connected(root: Path) -> Iterator[sqlite3.Connection]:
+    """Yield this process's connection to the index of ``root``, held by the caller alone.
+
+    A connection is opened (and the table made) once per process and results folder,
+    not for each document stored: opening one cost about 4 ms, paid by every structure.
+    """
+    key = (root, os.getpid())
+    with _LOCK:
+        connection = _OPEN.get(key)
+        if connection is None or not (root / INDEX_FILE).exists():
+            connection = sqlite3.connect(
+                root / INDEX_FILE, timeout=60, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(SCHEMA)
+            _OPEN[key] = connection
+        yield connection
 
 
 def index_result(root: Path, result: StructureResult) -> None:
     """Record ``result`` in the index (replacing an earlier entry for the same document)."""
     row = result.model_dump(mode="json", include=set(COLUMNS))
     placeholders = ", ".join("?" for _ in COLUMNS)
-    with closing(_connect(root)) as connection:
+    with _connected(root) as connection:
         connection.execute(
             f"INSERT OR REPLACE INTO results VALUES ({placeholders})",
             [row.get(column) for column in COLUMNS],
@@ -68,7 +86,7 @@ def find_completed(root: Path, input_keys: list[str]) -> dict[str, tuple[str, st
     if not input_keys or not (root / INDEX_FILE).exists():
         return {}
     found: dict[str, tuple[str, str]] = {}
-    with closing(_connect(root)) as connection:
+    with _connected(root) as connection:
         for start in range(0, len(input_keys), 500):
             batch = input_keys[start : start + 500]
             rows = connection.execute(
@@ -116,5 +134,6 @@ def query_index(
     sql = f"SELECT flow_run_id, id FROM results {where} ORDER BY created_at DESC, id"
     if limit:
         sql += f" LIMIT {int(limit)}"
-    with closing(_connect(root)) as connection:
-        yield from connection.execute(sql, values).fetchall()
+    with _connected(root) as connection:
+        rows = connection.execute(sql, values).fetchall()
+    yield from rows
