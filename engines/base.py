@@ -131,6 +131,10 @@ class Engine(ABC):
     directory and prints :data:`DONE_MARKER` lines; otherwise one process per directory,
     each taken just before it runs (so a task may take over other chunks' structures)."""
     log_name: ClassVar[str] = "engine.log"
+    outputs: ClassVar[frozenset[str]] = frozenset()
+    """Result fields this engine can fill beyond energies, forces and convergence
+    (``gap_eV``, ``fermi_level_eV``, ``pressure_GPa``, ``magnetic_moment``): a workflow's
+    ``select`` may only filter on what the step before it produces."""
 
     def check(self, atoms: Atoms, params: CalculationParameters) -> None:
         """Raise :class:`InputError` if this engine cannot compute ``atoms`` with ``params``."""

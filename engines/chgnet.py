@@ -97,6 +97,7 @@ class ChgnetEngine(AseEngine):
     """CHGNet (a universal graph-network potential, with magnetic moments); crystals only."""
 
     name = "chgnet"
+    outputs = frozenset({"pressure_GPa"})
     description = "CHGNet universal machine-learned potential (pretrained on the MPtrj set)"
     requires = f"the ml extra, torch and chgnet (about 1.1 GB): {INSTALL_HINT}"
     options_model = ChgnetOptions

@@ -15,6 +15,7 @@ class EmtEngine(AseEngine):
     """ASE's EMT calculator: cheap, for Al, Cu, Ag, Au, Ni, Pd, Pt (and H, C, N, O)."""
 
     name = "emt"
+    outputs = frozenset({"pressure_GPa"})
     description = "ASE effective-medium theory (fcc metals); no charge or spin"
     requires = "nothing beyond ASE"
     supports_charge = False

@@ -34,3 +34,7 @@ class EngineError(AtomforgeError):
 
 class RunStopped(AtomforgeError):
     """The run was cancelled or crashed and its engines were stopped on purpose."""
+
+
+class WorkflowError(AtomforgeError):
+    """A workflow cannot go on: a step has nothing left to compute, or its run failed."""

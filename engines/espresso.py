@@ -246,6 +246,7 @@ class EspressoEngine(Engine):
     """Quantum ESPRESSO pw.x, one (MPI) process per structure."""
 
     name = "espresso"
+    outputs = frozenset({"gap_eV", "fermi_level_eV", "pressure_GPa", "magnetic_moment"})
     description = "Quantum ESPRESSO pw.x (plane-wave DFT, LDA pseudopotentials default); periodic"
     requires = "pw.x and pseudopotentials (Debian quantum-espresso, quantum-espresso-data)"
     options_model = EspressoOptions

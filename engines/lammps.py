@@ -89,6 +89,7 @@ class LammpsEngine(Engine):
     """LAMMPS with a classical potential, one (MPI) process per structure; periodic cells."""
 
     name = "lammps"
+    outputs = frozenset({"pressure_GPa"})
     description = "LAMMPS (lmp) with EAM, Stillinger-Weber, Tersoff or any pair_style"
     requires = "the lmp program (Debian package lammps) and its potential files"
     options_model = LammpsOptions

@@ -134,4 +134,5 @@ def validation_line(exc: ValidationError) -> str:
     if loc and loc[0] in engine_classes():
         loc = loc[1:]
     where = ".".join(str(p) for p in loc)
-    return f"{where or 'input'}: {err['msg']}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message

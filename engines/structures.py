@@ -25,10 +25,11 @@ MIN_DISTANCE = 0.5
 
 @dataclass
 class NamedStructure:
-    """A structure and the name it is reported under."""
+    """A structure, the name it is reported under, and the stored result it came from."""
 
     name: str
     atoms: Atoms
+    parent_id: str | None = None
 
 
 def to_extxyz(atoms: Atoms) -> str:

@@ -43,6 +43,7 @@ class TbliteEngine(AseEngine):
     """tblite's ASE calculator (GFN2-xTB by default), molecules and periodic systems."""
 
     name = "tblite"
+    outputs = frozenset({"gap_eV", "pressure_GPa"})
     description = "tblite library (GFN2-xTB default) through its ASE calculator"
     requires = "the tblite Python package (installed with atomforge)"
     options_model = TbliteOptions

@@ -219,6 +219,7 @@ class VaspEngine(Engine):
     """VASP through ASE's input writer and readers, one (MPI) process per structure."""
 
     name = "vasp"
+    outputs = frozenset({"fermi_level_eV", "pressure_GPa", "magnetic_moment"})
     description = "VASP plane-wave DFT (licensed program); periodic structures"
     requires = "the VASP program (ATOMFORGE_VASP_COMMAND) and POTCARs (VASP_PP_PATH)"
     options_model = VaspOptions

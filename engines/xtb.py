@@ -157,6 +157,7 @@ class XtbEngine(Engine):
     """GFN-xTB through the xtb program, one process per structure."""
 
     name = "xtb"
+    outputs = frozenset({"gap_eV"})
     description = "xtb program (GFN2-xTB default); molecules"
     requires = "the xtb program (Debian package xtb)"
     options_model = XtbOptions

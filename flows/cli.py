@@ -23,10 +23,19 @@ from atomforge.engines.registry import validation_line
 from atomforge.flows.models import RunOptions, StructureResult, StructureSource
 from atomforge.flows.paths import run_paths
 from atomforge.flows.settings import get_settings
-from atomforge.flows.store.files import iter_results, iter_runs, query_results, result_path
+from atomforge.flows.store.files import (
+    iter_results,
+    iter_runs,
+    lineage,
+    load_run,
+    query_results,
+    result_path,
+)
 
 if TYPE_CHECKING:
-    from atomforge.flows.screen import RankedStructure
+    from atomforge.flows.ranking import RankedStructure
+    from atomforge.flows.workflows.spec import WorkflowSpec
+    from atomforge.flows.workflows.summary import WorkflowReport
 
 EXIT_ENGINE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -205,6 +214,62 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return 0 if report.n_completed == report.n_structures else EXIT_ENGINE_FAILED
 
 
+def _check_workflow(spec: WorkflowSpec) -> None:
+    """Raise InputError unless every step's engine is installed and the first step can
+    compute the source (the later steps' structures are checked as they come)."""
+    from atomforge.engines import get_engine
+    from atomforge.flows.validation import check_inputs
+
+    for step in spec.steps:
+        params = step.resolve()
+        try:
+            get_engine(params.engine).check_installed(params)
+        except InputError as exc:
+            raise InputError(f"step {step.name!r}: {exc}") from None
+    check_inputs(spec.source, spec.steps[0].resolve(), spec.options.skip_invalid)
+
+
+def print_workflow(report: WorkflowReport) -> None:
+    """Print each step's counts, then each structure's line through the steps."""
+    for step in report.steps:
+        print(
+            f"step {step.step:<12} {step.engine:<8} {step.kind:<11} "
+            f"{step.n_completed} of {step.n_structures} completed  run {step.flow_run_id}"
+        )
+    names = ["structure"] + [step.step for step in report.steps]
+    rows = [[line.name] + [line.steps.get(name, "") for name in names[1:]] for line in report.lines]
+    widths = [max(len(row[col]) for row in [names, *rows]) for col in range(len(names))]
+    print()
+    for row in [names, *rows]:
+        print("  ".join(f"{text:<{width}}" for text, width in zip(row, widths)).rstrip())
+
+
+def cmd_workflow(args: argparse.Namespace) -> int:
+    """Run a workflow spec file; print its steps and lines (or every result as JSON)."""
+    from atomforge.flows.workflows.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.no_reuse:
+        spec.options.reuse = False
+    _check_workflow(spec)
+    from atomforge.flows.workflow import workflow
+
+    state = asyncio.run(workflow(spec, return_state=True))
+    run_id = str(state.state_details.flow_run_id)
+    if args.json:
+        root = get_settings().resolved_results_root()
+        results = query_results(root, workflow_run_id=run_id)
+        order = {step.name: position for position, step in enumerate(spec.steps)}
+        print_json_lines(sorted(results, key=lambda r: (order.get(r.step or "", 0), r.index)))
+    elif state.is_completed():
+        print_workflow(state.result())
+        print(f"workflow run {run_id}")
+    if not state.is_completed():
+        print(f"atomforge: error: {state.message}", file=sys.stderr)
+        return EXIT_ENGINE_FAILED
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     """Print stored results matching the filters. Return the exit code."""
     results = query_results(
@@ -214,6 +279,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         formula=args.formula,
         status=args.status,
         name=args.name,
+        workflow_run_id=args.workflow,
+        step=args.step,
         limit=args.limit,
     )
     if args.json:
@@ -245,8 +312,30 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not matches:
         raise InputError(f"no stored result {args.id!r}")
     for r in matches:
-        print(json.dumps(r.model_dump(mode="json"), indent=1))
+        if args.chain:
+            print_chain(root, r)
+        else:
+            print(json.dumps(r.model_dump(mode="json"), indent=1))
     return 0
+
+
+def print_chain(root: Path, result: StructureResult) -> None:
+    """Print ``result`` and the results it started from, back to the input it was given."""
+    chain = lineage(root, result)
+    for depth, r in enumerate(chain):
+        energy = f"{r.energy_eV:.6f} eV" if r.energy_eV is not None else ""
+        label = r.step or r.flow_name
+        print(
+            f"{'  ' * depth}{'<- ' if depth else ''}{label}: {r.engine} "
+            f"{r.parameters.get('kind', '')} {r.status} {energy}  {r.ref}"
+            + (f" (reused {r.reused_from})" if r.reused_from else "")
+        )
+    first = chain[-1]
+    run = load_run(root, first.flow_run_id)
+    origin = (run.source.get("path") or "inline structure text") if run else "unknown"
+    if first.parent_id:
+        origin = f"{first.parent_id} (not in the store)"
+    print(f"{'  ' * len(chain)}<- input: {origin}, structure {first.name}")
 
 
 def _type_name(annotation: object) -> str:
@@ -310,14 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--formula", default=None, help="Hill formula, e.g. H2O")
     res.add_argument("--status", default=None)
     res.add_argument("--name", default=None)
+    res.add_argument("--workflow", default=None, help="workflow run id")
+    res.add_argument("--step", default=None, help="workflow step name")
     res.add_argument("--limit", type=int, default=100)
     res.add_argument("--json", action="store_true", help="one JSON document per line")
     res.set_defaults(func=cmd_results)
+    wf = sub.add_parser("workflow", help="run a workflow spec (YAML or JSON): steps in order")
+    wf.add_argument("spec", help="workflow spec file")
+    wf.add_argument("--json", action="store_true", help="every step's results as JSON lines")
+    wf.add_argument(
+        "--no-reuse", action="store_true", help="compute everything, even stored identical inputs"
+    )
+    wf.set_defaults(func=cmd_workflow)
     runs = sub.add_parser("runs", help="list stored runs")
     runs.add_argument("--limit", type=int, default=20)
     runs.set_defaults(func=cmd_runs)
     show = sub.add_parser("show", help="print a stored result document")
     show.add_argument("id", help="result id, run-id/result-id, or a run id")
+    show.add_argument(
+        "--chain", action="store_true", help="follow the result back through its parents"
+    )
     show.set_defaults(func=cmd_show)
     engines = sub.add_parser("engines", help="list engines, what they need, and their options")
     engines.add_argument("name", nargs="?", default=None, help="only this engine")

@@ -21,6 +21,7 @@ class Job:
     atoms: Atoms
     directory: Path
     input_key: str | None = None
+    parent_id: str | None = None
 
     @cached_property
     def input_extxyz(self) -> str:
@@ -30,18 +31,21 @@ class Job:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the steps need to know about the flow run they belong to."""
+    """What the steps need to know about the flow run they belong to (and the workflow
+    step it is, if it is one)."""
 
     flow_run_id: str
     flow_name: str
     paths: RunPaths
     results_root: Path
+    workflow_run_id: str | None = None
+    step: str | None = None
 
 
 def plan_jobs(structures: list[NamedStructure], first_index: int, paths: RunPaths) -> list[Job]:
     """Return one job per structure, numbered from ``first_index``, each with its directory."""
     return [
-        Job(index, s.name, s.atoms, paths.work_dir / f"{index:05d}-{s.name}")
+        Job(index, s.name, s.atoms, paths.work_dir / f"{index:05d}-{s.name}", parent_id=s.parent_id)
         for index, s in enumerate(structures, start=first_index)
     ]
 

@@ -32,7 +32,8 @@ flows take as well; ``SimulationParameters(...).resolve()`` turns the form into 
 
 
 class StructureSource(BaseModel):
-    """Where the structures come from: a file or folder path, or inline XYZ/extended-XYZ text."""
+    """Where the structures come from: a file or folder path, inline XYZ/extended-XYZ text,
+    or the final structures of stored results."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,11 +42,16 @@ class StructureSource(BaseModel):
     )
     text: str | None = Field(None, description="Inline structure text, e.g. an XYZ block.")
     format: str | None = Field(None, description="ASE format name when it cannot be guessed.")
+    results: list[str] | None = Field(
+        None,
+        description="Stored results ('flow_run_id/id') whose final structures to compute; "
+        "each new result records the one it started from as its parent.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StructureSource:
-        if (self.path is None) == (self.text is None):
-            raise ValueError("give exactly one of 'path' or 'text'")
+        if sum(given is not None for given in (self.path, self.text, self.results)) != 1:
+            raise ValueError("give exactly one of 'path', 'text' or 'results'")
         return self
 
 
@@ -123,6 +129,12 @@ class StructureResult(BaseModel):
     reused_from: str | None = Field(
         None, description="'flow_run_id/id' of the stored result reused instead of computing."
     )
+    parent_id: str | None = Field(
+        None,
+        description="'flow_run_id/id' of the result whose final structure this one started from.",
+    )
+    workflow_run_id: str | None = Field(None, description="The workflow run this belongs to.")
+    step: str | None = Field(None, description="The workflow step that computed it.")
     corrections: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Each correction an error handler made: problem, message, action, options.",
@@ -136,6 +148,11 @@ class StructureResult(BaseModel):
     def ok(self) -> bool:
         """Return True when the calculation completed."""
         return self.status is Status.completed
+
+    @property
+    def ref(self) -> str:
+        """Return the reference of this result in the store: ``flow_run_id/id``."""
+        return f"{self.flow_run_id}/{self.id}"
 
 
 class RunSummary(BaseModel):
@@ -154,6 +171,8 @@ class RunSummary(BaseModel):
     work_dir: str
     started_at: datetime
     finished_at: datetime | None = None
+    workflow_run_id: str | None = None
+    step: str | None = None
 
 
 DEFAULT_PARAMETERS = SimulationParameters()

@@ -165,8 +165,20 @@ class RunOutcome:
         )
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """The workflow run and step a run belongs to."""
+
+    workflow_run_id: str
+    step: str
+
+
 async def run_structures(
-    source: StructureSource, params: CalculationParameters, options: RunOptions, title: str
+    source: StructureSource,
+    params: CalculationParameters,
+    options: RunOptions,
+    title: str,
+    lineage: Lineage | None = None,
 ) -> RunOutcome:
     """Run every structure of ``source`` through the four steps and return the outcome.
 
@@ -191,6 +203,8 @@ async def run_structures(
         source=source.model_dump(mode="json"),
         work_dir=str(paths.work_dir),
         started_at=datetime.now(timezone.utc),
+        workflow_run_id=lineage.workflow_run_id if lineage else None,
+        step=lineage.step if lineage else None,
     )
     save_run(results_root, summary)
     progress = RunProgress(flow_name, title, get_run_logger())
@@ -204,7 +218,14 @@ async def run_structures(
         slots = engine_slots(context.task_runner, settings, params.cores)
         planned = plan_jobs(validated.structures, 0, paths)
         progress.total = len(planned)
-        run = RunContext(flow_run_id, flow_name, paths, results_root)
+        run = RunContext(
+            flow_run_id,
+            flow_name,
+            paths,
+            results_root,
+            lineage.workflow_run_id if lineage else None,
+            lineage.step if lineage else None,
+        )
         reuse = settings.reuse if options.reuse is None else options.reuse
         reused, jobs = _reuse_stored(planned, params, run, reuse)
         for result in reused:

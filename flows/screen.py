@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -15,34 +13,11 @@ from atomforge.flows.models import (
     DEFAULT_PARAMETERS,
     RunOptions,
     SimulationParameters,
-    StructureResult,
     StructureSource,
 )
 from atomforge.flows.pipeline import run_structures
+from atomforge.flows.ranking import RankedStructure, RankKey, rank
 from atomforge.flows.scheduling.dask_runner import simulation_flow_options
-
-RankKey = Literal["energy_per_atom", "energy", "gap"]
-
-
-class RankedStructure(BaseModel):
-    """One line of a screen's ranking. The whole result document (inputs, final structure,
-    forces, files) is in the result store under ``id``."""
-
-    id: str
-    name: str
-    formula: str
-    status: str
-    message: str = ""
-    energy_eV: float | None = None
-    energy_hartree: float | None = None
-    energy_per_atom_eV: float | None = None
-    gap_eV: float | None = None
-    converged: bool | None = None
-
-    @classmethod
-    def of(cls, result: StructureResult) -> RankedStructure:
-        """Return the ranking line of ``result``."""
-        return cls(**result.model_dump(include=set(cls.model_fields)))
 
 
 class ScreenReport(BaseModel):
@@ -59,17 +34,6 @@ class ScreenReport(BaseModel):
     n_structures: int
     n_completed: int
     results: list[RankedStructure] = Field(default_factory=list)
-
-
-def rank(results: list[StructureResult], rank_by: RankKey) -> list[StructureResult]:
-    """Return completed results sorted by ``rank_by`` (energies ascending, gap descending)."""
-    key = {
-        "energy_per_atom": lambda r: r.energy_per_atom_eV,
-        "energy": lambda r: r.energy_eV,
-        "gap": lambda r: -(r.gap_eV if r.gap_eV is not None else float("-inf")),
-    }[rank_by]
-    done = sorted((r for r in results if r.ok), key=key)
-    return done + [r for r in results if not r.ok]
 
 
 @flow(name="screen", **simulation_flow_options())

@@ -16,6 +16,7 @@ from atomforge.engines.structures import (
 )
 from atomforge.flows.models import StructureSource
 from atomforge.flows.settings import get_settings
+from atomforge.flows.store.files import load_structures
 
 
 @dataclass
@@ -49,7 +50,11 @@ def check_inputs(
     engine = get_engine(params.engine)
     engine.check_installed(params)
     min_distance = get_settings().min_distance
-    structures = read_structures(source.path, source.text, source.format)
+    if source.results is not None:
+        root = get_settings().resolved_results_root()
+        structures = load_structures(root, source.results)
+    else:
+        structures = read_structures(source.path, source.text, source.format)
     accepted: list[NamedStructure] = []
     rejected: list[tuple[NamedStructure, str]] = []
     for structure in structures:

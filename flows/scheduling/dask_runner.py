@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
+from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
@@ -111,11 +112,16 @@ class SettingsDaskTaskRunner(DaskTaskRunner):
     """A Dask task runner set up from the settings when a flow run starts, not at import.
 
     Prefect gives each flow run a duplicate of its flow's task runner; this one's
-    duplicate is :func:`dask_task_runner` as the environment says at that moment.
+    duplicate is :func:`dask_task_runner` as the environment says at that moment, or,
+    for a subflow of a flow that has a Dask runner (a workflow's steps), a client of the
+    parent's cluster: the steps share one cluster instead of starting one each.
     """
 
     def duplicate(self) -> DaskTaskRunner:
-        """Return the task runner the settings describe now."""
+        """Return the parent flow run's cluster as a runner, or the one the settings describe."""
+        parent = FlowRunContext.get()
+        if parent is not None and isinstance(parent.task_runner, DaskTaskRunner):
+            return DaskTaskRunner(address=parent.task_runner.client.scheduler.address)
         return dask_task_runner()
 
 

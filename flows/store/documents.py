@@ -44,6 +44,9 @@ def make_result(
         wall_seconds=status.wall_seconds,
         workdir=str(job.directory),
         input_key=job.input_key,
+        parent_id=job.parent_id,
+        workflow_run_id=run.workflow_run_id,
+        step=run.step,
     )
 
 
@@ -59,7 +62,10 @@ def reused_result(job: Job, run: RunContext, stored: StructureResult) -> Structu
             "name": job.name,
             "input_structure": job.input_extxyz,
             "wall_seconds": 0.0,
-            "reused_from": f"{stored.flow_run_id}/{stored.id}",
+            "reused_from": stored.ref,
+            "parent_id": job.parent_id,
+            "workflow_run_id": run.workflow_run_id,
+            "step": run.step,
             "created_at": datetime.now(timezone.utc),
         }
     )

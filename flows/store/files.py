@@ -15,8 +15,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from atomforge.engines.errors import InputError
+from atomforge.engines.structures import NamedStructure, read_structure_text
 from atomforge.flows.models import RunSummary, StructureResult
-from atomforge.flows.store.index import index_result, query_index
+from atomforge.flows.store.index import ResultFilter, index_result, query_index
 
 RUN_FILE = "run.json"
 
@@ -87,27 +89,38 @@ def iter_results(root: Path, flow_run_id: str | None = None) -> Iterator[Structu
 
 
 def query_results(
-    root: Path,
-    *,
-    flow_run_id: str | None = None,
-    engine: str | None = None,
-    formula: str | None = None,
-    status: str | None = None,
-    name: str | None = None,
-    result_id: str | None = None,
-    limit: int | None = None,
+    root: Path, limit: int | None = None, **filters: str | None
 ) -> list[StructureResult]:
-    """Return stored results matching every given filter, newest first (a run id may be a
-    prefix), found through the index: only the matching documents are read."""
-    found = query_index(
-        root,
-        flow_run_id=flow_run_id,
-        engine=engine,
-        formula=formula,
-        status=status,
-        name=name,
-        result_id=result_id,
-        limit=limit,
-    )
+    """Return stored results matching every filter of :class:`ResultFilter`, newest first,
+    found through the index: only the matching documents are read."""
+    found = query_index(root, ResultFilter(**filters), limit)
     documents = (load_result(root, run_id, result_id) for run_id, result_id in found)
     return [document for document in documents if document is not None]
+
+
+def lineage(root: Path, result: StructureResult) -> list[StructureResult]:
+    """Return ``result`` and the stored results it started from, parent by parent."""
+    chain = [result]
+    while chain[-1].parent_id and len(chain) < 1000:
+        flow_run_id, _, result_id = chain[-1].parent_id.rpartition("/")
+        parent = load_result(root, flow_run_id, result_id)
+        if parent is None:
+            break
+        chain.append(parent)
+    return chain
+
+
+def load_structures(root: Path, refs: list[str]) -> list[NamedStructure]:
+    """Return the final structures of the stored results ``refs`` ('flow_run_id/id'), named
+    as they were, each with its ``parent_id``; raise InputError for one not stored."""
+    structures = []
+    for ref in refs:
+        flow_run_id, _, result_id = ref.rpartition("/")
+        result = load_result(root, flow_run_id, result_id) if flow_run_id else None
+        if result is None:
+            raise InputError(f"no stored result {ref!r}")
+        text = result.final_structure or result.input_structure
+        atoms = read_structure_text(text, "extxyz")[0].atoms
+        atoms.calc = None
+        structures.append(NamedStructure(result.name, atoms, parent_id=ref))
+    return structures

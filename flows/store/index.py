@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from atomforge.flows.models import StructureResult
@@ -34,13 +35,46 @@ COLUMNS = (
     "input_key",
     "reused_from",
     "created_at",
+    "parent_id",
+    "workflow_run_id",
+    "step",
 )
-SCHEMA = f"""
+TABLE = f"""
 CREATE TABLE IF NOT EXISTS results ({", ".join(COLUMNS)}, PRIMARY KEY (flow_run_id, id));
+"""
+INDEXES = """
 CREATE INDEX IF NOT EXISTS results_by_key ON results (input_key, status);
 CREATE INDEX IF NOT EXISTS results_by_formula ON results (formula);
 CREATE INDEX IF NOT EXISTS results_by_created ON results (created_at);
+CREATE INDEX IF NOT EXISTS results_by_workflow ON results (workflow_run_id);
 """
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    """What a query asks of indexed results; each given field must match.
+
+    ``flow_run_id`` may be a prefix, ``name`` a part of the name; the rest match exactly.
+    """
+
+    flow_run_id: str | None = None
+    engine: str | None = None
+    formula: str | None = None
+    status: str | None = None
+    name: str | None = None
+    result_id: str | None = None
+    workflow_run_id: str | None = None
+    step: str | None = None
+
+
+def _create(connection: sqlite3.Connection) -> None:
+    """Create the table and its indexes, adding the columns an older index lacks."""
+    connection.executescript(TABLE)
+    present = {row[1] for row in connection.execute("PRAGMA table_info(results)")}
+    for column in COLUMNS:
+        if column not in present:
+            connection.execute(f"ALTER TABLE results ADD COLUMN {column}")
+    connection.executescript(INDEXES)
 
 
 _OPEN: dict[tuple[Path, int], sqlite3.Connection] = {}
@@ -62,7 +96,7 @@ def _connected(root: Path) -> Iterator[sqlite3.Connection]:
                 root / INDEX_FILE, timeout=60, isolation_level=None, check_same_thread=False
             )
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.executescript(SCHEMA)
+            _create(connection)
             _OPEN[key] = connection
         yield connection
 
@@ -102,34 +136,23 @@ def find_completed(root: Path, input_keys: list[str]) -> dict[str, tuple[str, st
 
 
 def query_index(
-    root: Path,
-    *,
-    flow_run_id: str | None = None,
-    engine: str | None = None,
-    formula: str | None = None,
-    status: str | None = None,
-    name: str | None = None,
-    result_id: str | None = None,
-    limit: int | None = None,
+    root: Path, query: ResultFilter, limit: int | None = None
 ) -> Iterator[tuple[str, str]]:
-    """Yield (flow run id, id) of indexed results matching every filter, newest first.
-
-    A run id may be a prefix; ``name`` matches part of a name.
-    """
+    """Yield (flow run id, id) of indexed results matching ``query``, newest first."""
     if not (root / INDEX_FILE).exists():
         return
     clauses, values = [], []
-    exact = (("engine", engine), ("formula", formula), ("status", status), ("id", result_id))
-    for column, value in exact:
-        if value:
-            clauses.append(f"{column} = ?")
-            values.append(value)
-    if flow_run_id:
-        clauses.append("flow_run_id LIKE ?")
-        values.append(f"{flow_run_id}%")
-    if name:
-        clauses.append("instr(name, ?) > 0")
-        values.append(name)
+    for field, value in asdict(query).items():
+        if not value:
+            continue
+        if field == "flow_run_id":
+            clauses.append("flow_run_id LIKE ?")
+            value = f"{value}%"
+        elif field == "name":
+            clauses.append("instr(name, ?) > 0")
+        else:
+            clauses.append(f"{'id' if field == 'result_id' else field} = ?")
+        values.append(value)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = f"SELECT flow_run_id, id FROM results {where} ORDER BY created_at DESC, id"
     if limit:

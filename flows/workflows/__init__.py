@@ -1,0 +1,1 @@
+"""Workflows: a source of structures through an ordered list of steps."""
