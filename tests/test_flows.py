@@ -279,3 +279,24 @@ def test_importing_the_flows_reads_no_settings_and_starts_nothing(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "SettingsDaskTaskRunner"
+
+
+H2_XTB_NAN = """2
+Properties=species:S:1:pos:R:3 pbc="F F F"
+H       -0.00623567       0.01458008       0.37293942
+H       -0.01798184      -0.04973561      -0.35031797
+"""
+"""A rattled H2 (G2 copy 6 of bench/rerun_screen.py) whose GFN2 optimization with
+Debian's xtb 6.5.1 ends normally but prints an energy and gradient of NaN."""
+
+
+def test_engine_that_returns_nan_energy_fails_the_structure_with_a_stored_readable_document():
+    state = asyncio.run(
+        simulate(StructureSource(text=H2_XTB_NAN), make_parameters("xtb"), return_state=True)
+    )
+    assert state.is_failed()
+    root = get_settings().resolved_results_root()
+    (result,) = query_results(root, flow_run_id=str(state.state_details.flow_run_id))
+    assert result.status == "failed"
+    assert result.message == "xtb finished but returned a non-finite energy (nan)"
+    assert result.energy_eV is None and result.forces_eV_per_A is None

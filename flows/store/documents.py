@@ -98,6 +98,15 @@ def fill_outputs(result: StructureResult, out: EngineResults) -> None:
         result.engine_version = out.version
 
 
+def _not_finite(out: EngineResults) -> str | None:
+    """Return what is not a finite number in ``out`` (an energy or forces of NaN), or None."""
+    if not np.isfinite(out.energy):
+        return f"a non-finite energy ({out.energy})"
+    if out.forces is not None and not np.isfinite(np.asarray(out.forces, dtype=float)).all():
+        return "non-finite forces"
+    return None
+
+
 def parse_job(
     job: Job, status: JobStatus, params: CalculationParameters, run: RunContext, engine: Engine
 ) -> StructureResult:
@@ -110,6 +119,10 @@ def parse_job(
             result.status = Status.failed
             result.message = f"cannot read results: {exc}"
         else:
-            fill_outputs(result, out)
+            if problem := _not_finite(out):
+                result.status = Status.failed
+                result.message = f"{engine.name} finished but returned {problem}"
+            else:
+                fill_outputs(result, out)
     save_result(run.results_root, result)
     return result
