@@ -20,8 +20,10 @@ from atomforge.engines import engine_names, parse_parameters
 from atomforge.engines.errors import AtomforgeError, InputError
 from atomforge.engines.parameters import CalculationKind, CalculationParameters
 from atomforge.engines.registry import validation_line
+from atomforge.engines.status import Status
 from atomforge.flows.models import RunOptions, StructureResult, StructureSource
 from atomforge.flows.paths import run_paths
+from atomforge.flows.ranking import rank
 from atomforge.flows.settings import get_settings
 from atomforge.flows.store.files import (
     iter_results,
@@ -73,26 +75,55 @@ def _options(pairs: list[str]) -> dict[str, object]:
 
 def _add_calculation_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options shared by ``run`` and ``screen``."""
-    parser.add_argument("--engine", default="xtb", help=f"one of {', '.join(engine_names())}")
     parser.add_argument(
-        "--kind", default="optimize", choices=[kind.value for kind in CalculationKind]
+        "--engine", default="xtb", help=f"the engine: {', '.join(engine_names())} (%(default)s)"
     )
-    parser.add_argument("--charge", default="0")
-    parser.add_argument("--multiplicity", default="1")
-    parser.add_argument("--fmax", default=None, help="force threshold, eV/A (ASE engines)")
-    parser.add_argument("--max-steps", default=None)
-    parser.add_argument("--timeout", default=None, help="seconds per structure")
     parser.add_argument(
-        "--cores", default=None, help="cores per structure: MPI ranks or OpenMP threads"
+        "--kind",
+        default="optimize",
+        choices=[kind.value for kind in CalculationKind],
+        help="what to compute (%(default)s)",
+    )
+    parser.add_argument("--charge", default="0", help="total charge (%(default)s)")
+    parser.add_argument("--multiplicity", default="1", help="spin multiplicity 2S+1 (%(default)s)")
+    parser.add_argument(
+        "--fmax",
+        default=None,
+        help="optimization force threshold in eV/A (engines optimizing through ASE; "
+        "0.01 unless given)",
+    )
+    parser.add_argument(
+        "--max-steps", default=None, help="most optimization or MD steps (500 unless given)"
+    )
+    parser.add_argument(
+        "--timeout", default=None, help="seconds per structure before it is stopped (3600)"
+    )
+    parser.add_argument(
+        "--cores", default=None, help="cores per structure: MPI ranks or OpenMP threads (1)"
     )
     parser.add_argument(
         "--json", action="store_true", help="print the result documents as JSON lines only"
     )
-    parser.add_argument("--relax-cell", action="store_true")
-    parser.add_argument("--no-forces", action="store_true")
-    parser.add_argument("--format", default=None, help="ASE format of the structure file(s)")
-    parser.add_argument("--option", "-o", action="append", default=[], help="engine key=value")
-    parser.add_argument("--run-dir", default=None, help="folder under the work root")
+    parser.add_argument(
+        "--relax-cell", action="store_true", help="optimize the cell too (periodic structures)"
+    )
+    parser.add_argument(
+        "--no-forces", action="store_true", help="do not compute forces in a single point"
+    )
+    parser.add_argument(
+        "--format", default=None, help="ASE format of the structure file(s), if not guessed"
+    )
+    parser.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        help="an engine option key=value, repeatable; dotted keys nest "
+        "(atomforge engines NAME lists them)",
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help="folder under the work root (default: the run id)"
+    )
     parser.add_argument(
         "--no-reuse",
         action="store_true",
@@ -131,13 +162,13 @@ def print_results(results: Sequence[StructureResult | RankedStructure]) -> None:
         f"{'#':>3} {'name':<24} {'formula':<12} {'status':<10} {'E / eV':>14} "
         f"{'E / Eh':>14} {'gap / eV':>9} {'conv':>5}"
     )
-    for rank, r in enumerate(results, start=1):
+    for position, r in enumerate(results, start=1):
         energy = f"{r.energy_eV:14.6f}" if r.energy_eV is not None else f"{'':>14}"
         hartree = f"{r.energy_hartree:14.8f}" if r.energy_hartree is not None else f"{'':>14}"
         gap = f"{r.gap_eV:9.4f}" if r.gap_eV is not None else f"{'':>9}"
         conv = "" if r.converged is None else ("yes" if r.converged else "no")
         print(
-            f"{rank:>3} {r.name[:24]:<24} {r.formula[:12]:<12} {r.status:<10} {energy} "
+            f"{position:>3} {r.name[:24]:<24} {r.formula[:12]:<12} {r.status:<10} {energy} "
             f"{hartree} {gap} {conv:>5}" + (f"  {r.message}" if r.message else "")
         )
 
@@ -283,6 +314,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         step=args.step,
         limit=args.limit,
     )
+    if args.run:
+        results = rank(results, "energy_per_atom")
     if args.json:
         print_json_lines(results)
     else:
@@ -292,10 +325,15 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """Print stored runs, newest first. Return the exit code."""
+    print(
+        f"{'flow run id':<36}  {'flow':<13} {'state':<9} {'engine':<8} {'done':>9}  "
+        f"{'started (UTC)':<16}  message"
+    )
     for run in list(iter_runs(get_settings().resolved_results_root()))[: args.limit]:
+        label = run.step or run.flow_name
         print(
-            f"{run.flow_run_id}  {run.flow_name:<8} {run.state:<10} {run.engine:<7} "
-            f"{run.n_completed}/{run.n_structures}  {run.started_at:%Y-%m-%d %H:%M}  "
+            f"{run.flow_run_id:<36}  {label[:13]:<13} {run.state:<9} {run.engine:<8} "
+            f"{f'{run.n_completed}/{run.n_structures}':>9}  {run.started_at:%Y-%m-%d %H:%M}  "
             f"{run.message}"
         )
     return 0
@@ -375,9 +413,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _version() -> str:
+    """Return the installed atomforge version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("atomforge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``atomforge`` command."""
     parser = argparse.ArgumentParser(prog="atomforge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="compute one structure")
     run.add_argument("structure", help="structure file, or - for XYZ on stdin")
@@ -387,21 +436,37 @@ def build_parser() -> argparse.ArgumentParser:
     scr.add_argument("structure", help="folder of structure files or a multi-frame file")
     _add_calculation_arguments(scr)
     scr.add_argument(
-        "--rank-by", default="energy_per_atom", choices=["energy_per_atom", "energy", "gap"]
+        "--rank-by",
+        default="energy_per_atom",
+        choices=["energy_per_atom", "energy", "gap"],
+        help="order of the ranking: energies lowest first, gap highest (%(default)s)",
     )
-    scr.add_argument("--chunk-size", type=int, default=None)
-    scr.add_argument("--skip-invalid", action="store_true")
-    scr.add_argument("--top", type=int, default=50)
+    scr.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="about this many structures per Dask task (default: one chunk per worker)",
+    )
+    scr.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="report invalid structures and compute the others, instead of stopping",
+    )
+    scr.add_argument(
+        "--top", type=int, default=50, help="print this many ranking lines (%(default)s)"
+    )
     scr.set_defaults(func=cmd_screen)
     res = sub.add_parser("results", help="query stored results")
     res.add_argument("--run", default=None, help="flow run id (or its prefix)")
-    res.add_argument("--engine", default=None)
+    res.add_argument("--engine", default=None, help="only this engine's results")
     res.add_argument("--formula", default=None, help="Hill formula, e.g. H2O")
-    res.add_argument("--status", default=None)
-    res.add_argument("--name", default=None)
+    res.add_argument(
+        "--status", default=None, choices=[status.value for status in Status], help="how it ended"
+    )
+    res.add_argument("--name", default=None, help="part of the structure's name")
     res.add_argument("--workflow", default=None, help="workflow run id")
     res.add_argument("--step", default=None, help="workflow step name")
-    res.add_argument("--limit", type=int, default=100)
+    res.add_argument("--limit", type=int, default=100, help="at most this many (%(default)s)")
     res.add_argument("--json", action="store_true", help="one JSON document per line")
     res.set_defaults(func=cmd_results)
     wf = sub.add_parser("workflow", help="run a workflow spec (YAML or JSON): steps in order")
@@ -412,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wf.set_defaults(func=cmd_workflow)
     runs = sub.add_parser("runs", help="list stored runs")
-    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--limit", type=int, default=20, help="at most this many (%(default)s)")
     runs.set_defaults(func=cmd_runs)
     show = sub.add_parser("show", help="print a stored result document")
     show.add_argument("id", help="result id, run-id/result-id, or a run id")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from atomforge.flows.cli import build_parser, main
 from tests.conftest import REPO, WATER_XYZ
 
 ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
@@ -104,3 +105,19 @@ def test_engines_lists_each_engine_with_its_needs_and_options(tmp_path):
         assert f"\n{name}: " in f"\n{out.stdout}"
     assert "-o ecutwfc (float = " in out.stdout
     assert "-o ensemble (nve|nvt|npt = " in out.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "screen", "workflow", "results", "show", "runs"])
+def test_every_option_explains_itself(command):
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = subparsers.choices[command]
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, f"atomforge {command} {action.option_strings}: no help"
+
+
+def test_version_is_printed(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith("atomforge 0.1.0")
