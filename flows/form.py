@@ -29,6 +29,11 @@ class FormBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: str
+    options: dict[str, Any] | None = Field(
+        None,
+        description="The chosen engine's options in one mapping, instead of its block "
+        "below (the shape of YAML specs, the CLI's -o and Python); moved into that block.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -38,7 +43,9 @@ class FormBase(BaseModel):
             data = data.model_dump(mode="json")
         if isinstance(data, dict) and "options" in data:
             data = dict(data)
-            data[data.get("engine", "xtb")] = data.pop("options")
+            options = data.pop("options")
+            if options is not None:
+                data[data.get("engine", "xtb")] = options
         return data
 
     def resolve(self) -> CalculationParameters:

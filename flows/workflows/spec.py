@@ -28,7 +28,7 @@ class StepBase(SimulationParameters):
 
     def parameters(self) -> dict[str, Any]:
         """Return the step's parameters form as JSON (without name, select, deployment)."""
-        return self.model_dump(mode="json", exclude={"name", "select", "deployment"})
+        return self.model_dump(mode="json", exclude={"name", "select", "deployment", "options"})
 
 
 @cache
