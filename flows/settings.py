@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     )
     work_root: Path | None = Field(None, description="Per-run working directories live here.")
     results_root: Path | None = Field(None, description="JSON result documents live here.")
+    inbox_dir: Path | None = Field(
+        None,
+        description="The inbox that screen-inbox screens (default <home>/inbox): files "
+        "dropped in it are claimed, computed and moved to its done/ or failed/.",
+    )
     keep_workdir: KeepWorkdir = Field(
         KeepWorkdir.always, description="Keep working directories: always, on_failure, never."
     )
@@ -91,6 +96,10 @@ class Settings(BaseSettings):
         root = (self.work_root or self.home / "work").expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         return root
+
+    def resolved_inbox_dir(self) -> Path:
+        """Return the absolute inbox folder (created by the run that uses it)."""
+        return (self.inbox_dir or self.home / "inbox").expanduser().resolve()
 
     def resolved_results_root(self) -> Path:
         """Return the absolute results root, creating it if needed."""

@@ -158,3 +158,38 @@ def test_cancelling_a_deployment_run_stops_its_engine(stack, tmp_path):
     while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "xtb still running after cancellation"
         time.sleep(0.2)
+
+
+def test_workflow_step_runs_as_a_run_of_its_deployment(stack, tmp_path):
+    env, api, home = stack
+    structure = tmp_path / "water.xyz"
+    structure.write_text(WATER_XYZ)
+    spec = {
+        "source": {"path": str(structure)},
+        "steps": [
+            {
+                "name": "pre",
+                "engine": "xtb",
+                "kind": "singlepoint",
+                "options": {"method": "GFN1-xTB"},
+            },
+            {"name": "remote", "engine": "xtb", "deployment": "workflow-step/workflow-step"},
+        ],
+    }
+    flow_run_id = _run_deployment(env, "workflow/workflow", spec=spec)
+    state = _wait_final(api, flow_run_id, timeout=300)
+    assert state["type"] == "COMPLETED", state
+    documents = [json.loads(path.read_text()) for path in (home / "results").glob("*/0*.json")]
+    (remote,) = [
+        d for d in documents if d.get("workflow_run_id") == flow_run_id and d["step"] == "remote"
+    ]
+    (pre,) = [
+        d for d in documents if d.get("workflow_run_id") == flow_run_id and d["step"] == "pre"
+    ]
+    assert remote["parent_id"] == f"{pre['flow_run_id']}/{pre['id']}"
+    assert remote["energy_hartree"] == pytest.approx(-5.070544, abs=2e-6)
+    step_run = httpx.get(f"{api}/flow_runs/{remote['flow_run_id']}", timeout=10).json()
+    assert step_run["deployment_id"] is not None
+    assert step_run["parent_task_run_id"] is not None
+    pre_run = httpx.get(f"{api}/flow_runs/{pre['flow_run_id']}", timeout=10).json()
+    assert pre_run["deployment_id"] is None
