@@ -112,20 +112,24 @@ async def _run_step(
     return report, results
 
 
-def _resolve_spec(spec: WorkflowSpec | None, spec_file: str | None) -> WorkflowSpec:
-    """Return the spec given, or the one in ``spec_file``; InputError unless exactly one."""
-    if (spec is None) == (spec_file is None):
-        raise InputError("give exactly one of 'spec' or 'spec_file'")
-    return spec if spec is not None else load_spec(spec_file)
+def resolve_spec(spec: WorkflowSpec | None, spec_file: str | None) -> WorkflowSpec:
+    """Return the spec in ``spec_file`` if one is named (it wins over a deployment's
+    default ``spec``), else ``spec``; InputError if neither is given."""
+    if spec_file:
+        return load_spec(spec_file)
+    if spec is None:
+        raise InputError("give a workflow 'spec' or a 'spec_file'")
+    return spec
 
 
 @flow(name="workflow", **simulation_flow_options())
 async def workflow(
     spec: WorkflowSpec | None = None, spec_file: str | None = None
 ) -> WorkflowReport:
-    """Run every step of a workflow in order; return each step's report and each
-    structure's line through the steps (the documents are in the result store)."""
-    spec = _resolve_spec(spec, spec_file)
+    """Run every step of a workflow (``spec``, or the file ``spec_file``) in order; return
+    each step's report and each structure's line through the steps (the documents are in
+    the result store)."""
+    spec = resolve_spec(spec, spec_file)
     logger = get_run_logger()
     workflow_run_id = str(FlowRunContext.get().flow_run.id)
     report = WorkflowReport(flow_run_id=workflow_run_id, name=spec.name)

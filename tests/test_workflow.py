@@ -18,7 +18,7 @@ from atomforge.engines.errors import InputError
 from atomforge.flows.cli import main
 from atomforge.flows.settings import get_settings
 from atomforge.flows.store.files import lineage, query_results
-from atomforge.flows.workflow import workflow
+from atomforge.flows.workflow import resolve_spec, workflow
 from atomforge.flows.workflows.select import Select, parse_where
 from atomforge.flows.workflows.spec import load_spec, parse_spec
 
@@ -242,3 +242,13 @@ def test_where_reads_flags_and_comparisons():
         parse_where("gap_eV > abc")
     with pytest.raises(ValueError, match="needs 'top', 'where'"):
         Select()
+
+
+def test_a_spec_file_wins_over_a_default_spec_and_one_of_them_is_needed(tmp_path):
+    _molecules(tmp_path, ("H2O",))
+    path = _spec_file(tmp_path, {"source": {"path": "molecules"}, "steps": [{"name": "f"}]})
+    default = parse_spec({"source": {"path": str(tmp_path)}, "steps": [{"name": "d"}]})
+    assert resolve_spec(default, str(path)).steps[0].name == "f"
+    assert resolve_spec(default, None).steps[0].name == "d"
+    with pytest.raises(InputError, match="give a workflow 'spec' or a 'spec_file'"):
+        resolve_spec(None, None)
