@@ -69,11 +69,15 @@ class Settings(BaseSettings):
         "per Dask worker thread.",
     )
     engine_log_chars: int = Field(
-        65536,
+        0,
         ge=0,
         description="Most characters of engine output a run-engine task sends to the run "
-        "logs per second (the latest lines are kept; 0 sends none). The working "
-        "directories keep the complete output.",
+        "logs per second (the latest lines are kept; 0, the default, sends none: a failed "
+        "structure's last lines are logged with its failure). The working directories "
+        "keep the complete output.",
+    )
+    failure_log_lines: int = Field(
+        20, ge=0, description="Last lines of a failed structure's engine output in the log."
     )
     retries: int = Field(3, ge=0, description="Retries of a step that failed for a passing reason.")
     retry_backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubles.")

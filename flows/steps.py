@@ -107,7 +107,9 @@ def run_engine(
         pid_dir=run.paths.pid_dir,
         stop_file=run.paths.stop_file,
         log=output,
-        on_done=ProgressReporter(len(chunks[index]), logger, output),
+        on_done=ProgressReporter(
+            len(chunks[index]), logger, output, engine.log_name, get_settings().failure_log_lines
+        ),
         max_corrections=get_settings().max_corrections,
     )
     try:

@@ -21,7 +21,8 @@ from atomforge.flows.models import RunOptions, StructureSource, make_parameters
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import get_settings
 from atomforge.flows.simulate import simulate
-from atomforge.flows.store.files import iter_results, load_run, query_results
+from atomforge.flows.store.files import iter_results, iter_runs, load_run, query_results
+from tests.conftest import start_screen_process, water_cluster_xyz
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -92,7 +93,8 @@ def _run_log_containing(flow_run_id: str, text: str, timeout: float = 20) -> str
     return None
 
 
-def test_engine_output_is_streamed_to_the_run_logs(water_file):
+def test_engine_output_is_streamed_to_the_run_logs_when_asked(monkeypatch, water_file):
+    monkeypatch.setenv("ATOMFORGE_ENGINE_LOG_CHARS", "65536")
     result = asyncio.run(
         simulate(StructureSource(path=str(water_file)), make_parameters(kind="singlepoint"))
     )
@@ -300,3 +302,45 @@ def test_engine_that_returns_nan_energy_fails_the_structure_with_a_stored_readab
     assert result.status == "failed"
     assert result.message == "xtb finished but returned a non-finite energy (nan)"
     assert result.energy_eV is None and result.forces_eV_per_A is None
+
+
+def _run_logs(flow_run_id: str) -> list[str]:
+    """Return every log message of a flow run and of its task runs."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=log_filter)]
+
+
+def test_run_log_tells_the_story_without_engine_output(tmp_path, monkeypatch):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name in ("H2O", "NH3", "CH4", "CO2"):
+        write(folder / f"{name}.xyz", molecule(name), format="xyz")
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")
+    monkeypatch.setenv("ATOMFORGE_HOME", str(tmp_path / "home"))
+    assert start_screen_process(tmp_path, folder, engine="xtb").wait(timeout=300) == 0
+    (run,) = iter_runs(get_settings().resolved_results_root())
+    assert _run_log_containing(run.flow_run_id, "4 structure(s) valid for xtb")
+    assert _run_log_containing(run.flow_run_id, "Finished in state Completed")
+    messages = _run_logs(run.flow_run_id)
+    assert not any("xtb version" in message for message in messages)
+    assert sum(len(message) for message in messages) < 5000
+
+
+def test_a_failed_structure_logs_its_last_engine_lines(tmp_path):
+    structure = tmp_path / "cluster.xyz"
+    structure.write_text(water_cluster_xyz(4))
+    params = make_parameters("xtb", kind="singlepoint", timeout_seconds=1)
+    state = asyncio.run(simulate(StructureSource(path=str(structure)), params, return_state=True))
+    assert state.is_failed()
+    flow_run_id = str(state.state_details.flow_run_id)
+    message = _run_log_containing(flow_run_id, "00000-cluster: timeout")
+    assert message is not None
+    assert "last " in message and "xtb.log:" in message
+    tail = message.split("xtb.log:\n", 1)[1].splitlines()
+    assert 0 < len(tail) <= 20
+    (result,) = query_results(get_settings().resolved_results_root(), flow_run_id=flow_run_id)
+    written = [line for line in (Path(result.workdir) / "xtb.log").read_text().splitlines()]
+    assert tail == [line for line in written if line.strip()][-len(tail) :]

@@ -72,18 +72,41 @@ class OutputStreamer:
         self.logger.info("engine output:\n%s", text)
 
 
+def last_lines(path: Path, count: int, max_bytes: int = 16384) -> list[str]:
+    """Return the last ``count`` lines of the text file ``path`` (none if it is missing),
+    reading at most its last ``max_bytes``."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - max_bytes))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-count:] if count else []
+
+
 class ProgressReporter:
     """Reports the structures a run-engine task finishes, at a fixed cost.
 
     Each finished structure gets a marker line in the engine output stream; a failure is
-    also logged at once as a warning; once a second at most, a progress line goes to the
-    task's log. The run's progress bar is moved by the flow, as it stores results.
+    also logged at once as a warning, with the last ``tail`` lines of the engine's log
+    file in its directory (``log_name``); once a second at most, a progress line goes to
+    the task's log. The run's progress bar is moved by the flow, as it stores results.
     """
 
-    def __init__(self, own: int, logger: logging.LoggerAdapter, output: OutputStreamer) -> None:
+    def __init__(
+        self,
+        own: int,
+        logger: logging.LoggerAdapter,
+        output: OutputStreamer,
+        log_name: str,
+        tail: int,
+    ) -> None:
         self.own = own
         self.logger = logger
         self.output = output
+        self.log_name = log_name
+        self.tail = tail
         self.finished = 0
         self.last_update = 0.0
 
@@ -93,6 +116,10 @@ class ProgressReporter:
         line = f"{directory.name}: {status.status} {status.message}".rstrip()
         self.output(f"== {line}\n")
         if not status.completed:
+            log = directory / self.log_name
+            output = last_lines(log, self.tail)
+            if output:
+                line += f"\nlast {len(output)} line(s) of {log}:\n" + "\n".join(output)
             self.logger.warning(line)
         now = time.monotonic()
         if now - self.last_update < 1.0:
