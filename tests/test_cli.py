@@ -121,3 +121,17 @@ def test_version_is_printed(capsys):
         main(["--version"])
     assert stopped.value.code == 0
     assert capsys.readouterr().out.startswith("atomforge 0.1.0")
+
+
+def test_engine_failure_is_one_line_without_a_traceback(tmp_path):
+    from tests.test_flows import H2_XTB_NAN
+
+    structure = tmp_path / "h2.extxyz"
+    structure.write_text(H2_XTB_NAN)
+    out = _atomforge("run", str(structure), "--engine", "xtb", home=tmp_path / "home")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "atomforge: error: Flow run encountered an exception: EngineError: "
+        "h2: failed: xtb finished but returned a non-finite energy (nan)"
+    )

@@ -126,8 +126,12 @@ class SettingsDaskTaskRunner(DaskTaskRunner):
 
 
 def simulation_flow_options() -> dict[str, Any]:
-    """Return the options every atomforge flow shares: Dask runner, stop hooks, JSON results."""
+    """Return the options every atomforge flow shares: Dask runner, stop hooks, JSON results
+    (and run logs that show atomforge's own errors in one line)."""
     from atomforge.flows.hooks import stop_engines
+    from atomforge.flows.ui.logs import own_errors_in_one_line
+
+    own_errors_in_one_line()
 
     return {
         "task_runner": SettingsDaskTaskRunner(),
