@@ -36,6 +36,7 @@ from atomforge.flows.models import (
     StructureSource,
 )
 from atomforge.flows.pipeline import run_structures
+from atomforge.flows.ranking import RANK_FIELDS
 from atomforge.flows.scheduling.dask_runner import simulation_flow_options
 from atomforge.flows.screen import RankedStructure, RankKey, ScreenReport, rank
 from atomforge.flows.settings import get_settings
@@ -182,7 +183,7 @@ async def _screen_claim(
     screened = options.model_copy(update={"skip_invalid": True})
     outcome = await run_structures(source, params, screened, title)
     ranked = rank(outcome.results, rank_by)
-    await outcome.publish("screen-inbox", title, ranked)
+    await outcome.publish("screen-inbox", title, ranked, RANK_FIELDS[rank_by])
     for path, results in _results_by_file(outcome.results, plan).items():
         file_outcome = _outcome(path, results, flow_run_id)
         finish(held, path, file_outcome)

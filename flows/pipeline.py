@@ -156,12 +156,18 @@ class RunOutcome:
     progress: RunProgress
 
     async def publish(
-        self, key: str, title: str, ranked: list[StructureResult] | None = None
+        self,
+        key: str,
+        title: str,
+        ranked: list[StructureResult] | None = None,
+        rank_by: str | None = None,
     ) -> None:
-        """Publish the run's table and summary (``ranked`` orders the table); fill the bar."""
+        """Publish the run's table and summary (``ranked`` orders the table by the result
+        field ``rank_by``); fill the bar."""
         rows = self.results if ranked is None else ranked
         await asyncio.gather(
-            artifacts.publish(key, title, rows, self.results_dir), self.progress.finish()
+            artifacts.publish(key, title, rows, self.results_dir, rank_by),
+            self.progress.finish(),
         )
 
 
@@ -209,8 +215,12 @@ async def run_structures(
     save_run(results_root, summary)
     progress = RunProgress(flow_name, title, get_run_logger())
     links = asyncio.ensure_future(
-        artifacts.link_files(
-            flow_name, results_root / flow_run_id, paths.work_dir, settings.keep_workdir.value
+        artifacts.publish_files(
+            flow_name,
+            flow_run_id,
+            results_root / flow_run_id,
+            paths.work_dir,
+            settings.keep_workdir.value,
         )
     )
     try:

@@ -16,7 +16,7 @@ from atomforge.flows.models import (
     StructureSource,
 )
 from atomforge.flows.pipeline import run_structures
-from atomforge.flows.ranking import RankedStructure, RankKey, rank
+from atomforge.flows.ranking import RANK_FIELDS, RankedStructure, RankKey, rank
 from atomforge.flows.scheduling.dask_runner import simulation_flow_options
 
 
@@ -47,7 +47,7 @@ async def screen(
     title = f"screen: {parameters.engine} {parameters.kind.value}, ranked by {rank_by}"
     outcome = await run_structures(source, parameters.resolve(), options, title)
     ranked = rank(outcome.results, rank_by)
-    await outcome.publish("screen", title, ranked)
+    await outcome.publish("screen", title, ranked, RANK_FIELDS[rank_by])
     return ScreenReport(
         flow_run_id=ranked[0].flow_run_id if ranked else "",
         rank_by=rank_by,

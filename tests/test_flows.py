@@ -65,14 +65,17 @@ def test_simulate_runs_four_steps_and_stores_inputs_and_results(water_file):
     assert (workdir / "xtb.log").read_text().count("normal termination of xtb") == 1
 
     artifacts = _artifacts(flow_run_id)
-    keys = {"simulate-table", "simulate-summary", "simulate-progress", "simulate-results"}
+    keys = {"simulate-table", "simulate-summary", "simulate-progress", "simulate-files"}
     assert keys <= set(artifacts)
     assert artifacts["simulate-progress"].data == 100.0
     table = artifacts["simulate-table"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert rows[0]["formula"] == "H2O" and rows[0]["status"] == "completed"
+    assert rows[0]["converged"] is True and isinstance(rows[0]["energy_eV"], float)
+    assert rows[0]["result"] == f"{flow_run_id}/{result.id}"
     assert "1 of 1" in artifacts["simulate-summary"].data
-    assert flow_run_id in artifacts["simulate-results"].data
+    assert f"atomforge results --run {flow_run_id}" in artifacts["simulate-files"].data
+    assert all(artifact.description for artifact in artifacts.values())
 
 
 def _run_log_containing(flow_run_id: str, text: str, timeout: float = 20) -> str | None:
@@ -344,3 +347,32 @@ def test_a_failed_structure_logs_its_last_engine_lines(tmp_path):
     (result,) = query_results(get_settings().resolved_results_root(), flow_run_id=flow_run_id)
     written = [line for line in (Path(result.workdir) / "xtb.log").read_text().splitlines()]
     assert tail == [line for line in written if line.strip()][-len(tail) :]
+
+
+def test_results_table_puts_the_ranking_column_after_the_name_and_keeps_numbers():
+    from atomforge.engines.status import Status
+    from atomforge.flows.models import StructureResult
+    from atomforge.flows.ui.artifacts import result_rows
+
+    def result(name: str, gap: float | None, status: str = "completed") -> StructureResult:
+        return StructureResult.model_construct(
+            id=f"00000-{name}",
+            flow_run_id="run",
+            name=name,
+            formula=name,
+            status=Status(status),
+            energy_eV=-1.23456789,
+            energy_per_atom_eV=-0.5,
+            gap_eV=gap,
+            converged=True,
+            n_steps=3,
+            wall_seconds=0.123,
+            message="",
+            max_force_eV_per_A=None,
+        )
+
+    rows = result_rows([result("a", 5.0), result("b", 1.0), result("c", None, "failed")], "gap_eV")
+    assert list(rows[0])[:3] == ["name", "gap_eV", "rank"]
+    assert [row["rank"] for row in rows] == [1, 2, None]
+    assert rows[0]["energy_eV"] == -1.234568 and rows[0]["converged"] is True
+    assert rows[2]["gap_eV"] is None and rows[0]["result"] == "run/00000-a"

@@ -1,48 +1,60 @@
-"""Prefect artifacts of a run: results table, markdown summary and file links."""
+"""Prefect artifacts of a run: results table, markdown summary, and where its files are."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from prefect.artifacts import (
-    acreate_link_artifact,
-    acreate_markdown_artifact,
-    acreate_table_artifact,
-)
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
 from atomforge.flows.models import StructureResult
 
+COLUMNS = (
+    ("formula", "formula", None),
+    ("status", "status", None),
+    ("energy_per_atom_eV", "energy_per_atom_eV", 6),
+    ("energy_eV", "energy_eV", 6),
+    ("gap_eV", "gap_eV", 4),
+    ("max_force_eV_A", "max_force_eV_per_A", 4),
+    ("converged", "converged", None),
+    ("steps", "n_steps", None),
+    ("seconds", "wall_seconds", 2),
+)
+"""Table columns: (header, result field, decimals for numbers or None)."""
 
-def _fmt(value: float | None, digits: int) -> str:
-    """Return ``value`` rounded for display, or an empty string."""
-    return "" if value is None else f"{value:.{digits}f}"
+
+def _cell(result: StructureResult, field: str, digits: int | None) -> object:
+    """Return a result's value for a table cell: numbers stay numbers (rounded)."""
+    value = getattr(result, field)
+    if value is None or digits is None:
+        return value.value if hasattr(value, "value") else value
+    return round(float(value), digits)
 
 
-def result_rows(results: list[StructureResult]) -> list[dict[str, object]]:
-    """Return one table row per result, in the given order."""
-    return [
-        {
-            "rank": rank,
-            "name": r.name,
-            "formula": r.formula,
-            "status": r.status,
-            "energy_eV": _fmt(r.energy_eV, 6),
-            "energy_Eh": _fmt(r.energy_hartree, 8),
-            "energy_per_atom_eV": _fmt(r.energy_per_atom_eV, 6),
-            "gap_eV": _fmt(r.gap_eV, 4),
-            "max_force_eV_A": _fmt(r.max_force_eV_per_A, 4),
-            "converged": "" if r.converged is None else str(r.converged),
-            "steps": "" if r.n_steps is None else r.n_steps,
-            "seconds": _fmt(r.wall_seconds, 2),
-            "message": r.message,
-        }
-        for rank, r in enumerate(results, start=1)
-    ]
+def result_rows(results: list[StructureResult], rank_by: str | None = None) -> list[dict]:
+    """Return one table row per result, in the given order: the name, then the column
+    the results are ranked by (if any) and the rank, then the key numbers and the
+    result's id (``atomforge show`` prints its whole document)."""
+    columns = list(COLUMNS)
+    if rank_by:
+        ranked = next(column for column in columns if column[1] == rank_by)
+        columns = [ranked, *(column for column in columns if column != ranked)]
+    rows = []
+    for position, result in enumerate(results, start=1):
+        row: dict[str, object] = {"name": result.name}
+        for header, field, digits in columns:
+            row[header] = _cell(result, field, digits)
+            if rank_by and field == rank_by:
+                row["rank"] = position if result.ok else None
+        row["result"] = result.ref
+        row["message"] = result.message
+        rows.append(row)
+    return rows
 
 
 def markdown_summary(title: str, results: list[StructureResult], results_dir: Path) -> str:
-    """Return a markdown report of a run: counts, the best structure, and where files are."""
+    """Return a markdown report of a run: counts, the first structure, failures, and where
+    the documents are."""
     done = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     lines = [f"# {title}", ""]
@@ -52,7 +64,8 @@ def markdown_summary(title: str, results: list[StructureResult], results_dir: Pa
         lines += [
             "",
             f"First: **{best.name}** ({best.formula}), E = {best.energy_eV:.6f} eV"
-            + (f", gap {best.gap_eV:.3f} eV" if best.gap_eV is not None else ""),
+            + (f", gap {best.gap_eV:.3f} eV" if best.gap_eV is not None else "")
+            + f", result `{best.ref}`",
             f"Engine: {best.engine} {best.engine_version}",
         ]
     if failed:
@@ -62,23 +75,51 @@ def markdown_summary(title: str, results: list[StructureResult], results_dir: Pa
     return "\n".join(lines)
 
 
-async def link_files(key: str, results_dir: Path, work_dir: Path, keep: str) -> None:
-    """Create links to the run's result documents and working directories."""
-    await asyncio.gather(
-        acreate_link_artifact(
-            results_dir.as_uri(), link_text="result documents (JSON)", key=f"{key}-results"
-        ),
-        acreate_link_artifact(
-            work_dir.as_uri(), link_text=f"working directories (kept: {keep})", key=f"{key}-files"
-        ),
+def files_markdown(flow_run_id: str, results_dir: Path, work_dir: Path, keep: str) -> str:
+    """Return where a run's files are, as text to copy, and the commands that read them."""
+    return "\n".join(
+        [
+            "# Where this run's files are",
+            "",
+            f"- Result documents (one JSON per structure, `run.json`): `{results_dir}`",
+            f"- Working directories, the engines' own files (kept: {keep}): `{work_dir}`",
+            "",
+            "```",
+            f"atomforge results --run {flow_run_id}      # this run's results, ranked",
+            f"atomforge show {flow_run_id}/<result>       # one whole document",
+            f"atomforge show --chain {flow_run_id}/<result>  # and what it started from",
+            "```",
+        ]
     )
 
 
-async def publish(key: str, title: str, results: list[StructureResult], results_dir: Path) -> None:
-    """Publish the results table and the markdown summary."""
+async def publish_files(
+    key: str, flow_run_id: str, results_dir: Path, work_dir: Path, keep: str
+) -> None:
+    """Publish where the run's result documents and working directories are."""
+    await acreate_markdown_artifact(
+        files_markdown(flow_run_id, results_dir, work_dir, keep),
+        key=f"{key}-files",
+        description="Where the result documents and working directories are",
+    )
+
+
+async def publish(
+    key: str,
+    title: str,
+    results: list[StructureResult],
+    results_dir: Path,
+    rank_by: str | None = None,
+) -> None:
+    """Publish the results table (ranked by the field ``rank_by``, if given) and the
+    markdown summary."""
     await asyncio.gather(
-        acreate_table_artifact(result_rows(results), key=f"{key}-table", description=title),
+        acreate_table_artifact(
+            result_rows(results, rank_by), key=f"{key}-table", description=f"{title}: results"
+        ),
         acreate_markdown_artifact(
-            markdown_summary(title, results, results_dir), key=f"{key}-summary", description=title
+            markdown_summary(title, results, results_dir),
+            key=f"{key}-summary",
+            description=f"{title}: summary",
         ),
     )
