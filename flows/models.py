@@ -32,8 +32,8 @@ flows take as well; ``SimulationParameters(...).resolve()`` turns the form into 
 
 
 class StructureSource(BaseModel):
-    """Where the structures come from: a file or folder path, inline XYZ/extended-XYZ text,
-    or the final structures of stored results."""
+    """Where the structures come from; give exactly one of: a file or folder path, inline
+    XYZ/extended-XYZ text, or stored results (their final structures)."""
 
     model_config = ConfigDict(extra="forbid")
 

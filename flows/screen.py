@@ -43,7 +43,17 @@ async def screen(
     options: RunOptions = DEFAULT_OPTIONS,
     rank_by: RankKey = "energy_per_atom",
 ) -> ScreenReport:
-    """Compute every structure of ``source`` and return them ranked by ``rank_by``."""
+    """Compute every structure of ``source`` and return them ranked by ``rank_by``.
+
+    Args:
+        source: The structures: a folder of structure files, a multi-frame file, inline
+            text, or stored results (give exactly one).
+        parameters: How to compute each structure: the engine, the shared fields, the
+            engine's options block.
+        options: Where the run works, how it splits the structures, reuse, invalid ones.
+        rank_by: The ranking: energy per atom or energy (lowest first), or the HOMO-LUMO
+            gap (highest first).
+    """
     title = f"screen: {parameters.engine} {parameters.kind.value}, ranked by {rank_by}"
     outcome = await run_structures(source, parameters.resolve(), options, title)
     ranked = rank(outcome.results, rank_by)

@@ -25,13 +25,19 @@ from atomforge.flows.scheduling.dask_runner import simulation_flow_options
 
 @flow(name="simulate", **simulation_flow_options())
 async def simulate(
-    structure: StructureSource,
+    source: StructureSource,
     parameters: SimulationParameters = DEFAULT_PARAMETERS,
     options: RunOptions = DEFAULT_OPTIONS,
 ) -> StructureResult:
-    """Compute one structure; return its result document (the flow fails if it did not finish)."""
+    """Compute one structure; return its result document (the flow fails if it did not finish).
+
+    Args:
+        source: The structure: a file, inline text, or a stored result (give exactly one).
+        parameters: How to compute it: the engine, the shared fields, the engine's options.
+        options: Where the run works, and whether a stored identical result is reused.
+    """
     title = f"{parameters.engine} {parameters.kind.value}"
-    outcome = await run_structures(structure, parameters.resolve(), options, title)
+    outcome = await run_structures(source, parameters.resolve(), options, title)
     if len(outcome.results) != 1:
         raise InputError(f"simulate takes one structure, got {len(outcome.results)}: use screen")
     await outcome.publish("simulate", title)

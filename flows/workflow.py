@@ -38,7 +38,7 @@ from atomforge.flows.workflows.summary import (
 DEPLOYMENT_POLL_SECONDS = 2.0
 
 
-@flow(name="workflow-step", flow_run_name="{step}", **simulation_flow_options())
+@flow(name="workflow-step", **simulation_flow_options())
 async def workflow_step(
     source: StructureSource,
     parameters: SimulationParameters,
@@ -128,7 +128,13 @@ async def workflow(
 ) -> WorkflowReport:
     """Run every step of a workflow (``spec``, or the file ``spec_file``) in order; return
     each step's report and each structure's line through the steps (the documents are in
-    the result store)."""
+    the result store).
+
+    Args:
+        spec: The workflow: where the structures come from, and the steps in order.
+        spec_file: Path of a YAML or JSON workflow spec; when given, it is used instead
+            of spec.
+    """
     spec = resolve_spec(spec, spec_file)
     logger = get_run_logger()
     workflow_run_id = str(FlowRunContext.get().flow_run.id)

@@ -124,7 +124,7 @@ def test_deployment_run_computes_water_on_a_worker(stack, tmp_path):
     flow_run_id = _run_deployment(
         env,
         "simulate/simulate",
-        structure={"path": str(structure)},
+        source={"path": str(structure)},
         parameters={"engine": "xtb"},
     )
     state = _wait_final(api, flow_run_id)
@@ -141,7 +141,7 @@ def test_cancelling_a_deployment_run_stops_its_engine(stack, tmp_path):
     flow_run_id = _run_deployment(
         env,
         "simulate/simulate",
-        structure={"path": str(structure)},
+        source={"path": str(structure)},
         parameters={"engine": "xtb"},
     )
     pid_dir = home / "work" / ".control" / flow_run_id / "pids"

@@ -67,6 +67,8 @@ def test_simulate_runs_four_steps_and_stores_inputs_and_results(water_file):
     artifacts = _artifacts(flow_run_id)
     keys = {"simulate-table", "simulate-summary", "simulate-progress", "simulate-files"}
     assert keys <= set(artifacts)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).name == "simulate xtb optimize: water.xyz"
     assert artifacts["simulate-progress"].data == 100.0
     table = artifacts["simulate-table"].data
     rows = json.loads(table) if isinstance(table, str) else table

@@ -100,6 +100,11 @@ def test_workflow_chains_steps_selects_and_records_provenance(tmp_path, capsys):
     assert lines["H2O"].last_id == water.ref
 
     assert {"workflow-summary", "workflow-lines"} <= _artifact_keys(report.flow_run_id)
+    with get_client(sync_client=True) as client:
+        names = [client.read_flow_run(s.flow_run_id).name for s in report.steps]
+        assert client.read_flow_run(report.flow_run_id).name == "workflow: spec.yaml"
+    assert names[1] == "refine: tblite optimize, 2 stored result(s)"
+    assert names[0] == "preopt: xtb optimize, molecules"
     assert {"workflow-step-table", "workflow-step-summary"} <= _artifact_keys(
         report.steps[1].flow_run_id
     )

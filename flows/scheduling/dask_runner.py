@@ -126,15 +126,18 @@ class SettingsDaskTaskRunner(DaskTaskRunner):
 
 
 def simulation_flow_options() -> dict[str, Any]:
-    """Return the options every atomforge flow shares: Dask runner, stop hooks, JSON results
-    (and run logs that show atomforge's own errors in one line)."""
+    """Return the options every atomforge flow shares: Dask runner, stop hooks, JSON results,
+    run names that say what a run does (and run logs that show atomforge's own errors in
+    one line)."""
     from atomforge.flows.hooks import stop_engines
     from atomforge.flows.ui.logs import own_errors_in_one_line
+    from atomforge.flows.ui.names import run_name
 
     own_errors_in_one_line()
 
     return {
         "task_runner": SettingsDaskTaskRunner(),
+        "flow_run_name": run_name,
         "on_cancellation": [stop_engines],
         "on_crashed": [stop_engines],
         "persist_result": True,
