@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         description="Reuse stored completed results whose inputs are identical, unless a "
         "run says otherwise (its options.reuse).",
     )
+    index_url: str | None = Field(
+        None,
+        description="PostgreSQL URL of the result index (postgresql://user:password@host/db), "
+        "shared by every machine that writes to one results folder; default: SQLite "
+        "index.sqlite in the results folder.",
+    )
     min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
 
     def resolved_work_root(self) -> Path:

@@ -1,11 +1,14 @@
-"""The result index: one SQLite table in the results folder, for queries and reuse.
+"""The result index: one table of results, for queries and reuse.
 
-The JSON documents stay the record; the index holds what queries and reuse look up (ids,
-formula, engine, status, energies, the input key), so neither reads every document. It
-is a plain table rather than an ASE database: an ASE row needs the whole structure, and
-the index must stay small and fast to write from many runs at once (WAL mode, a busy
-timeout). ``ase db`` and ``ase gui`` still open every structure: the documents hold them
-as extended XYZ.
+SQLite in the results folder by default; the production PostgreSQL when
+``ATOMFORGE_INDEX_URL`` names one (``postgresql://user@host/db``), so that workers on
+several machines share one index. The JSON documents stay the record; the index holds
+what queries and reuse look up (ids, formula, engine, status, energies, the input key,
+the workflow lineage), so neither reads every document. It is a plain table rather
+than an ASE database: an ASE row needs the whole structure, and the index must stay
+small and fast to write from many runs at once (WAL mode and a busy timeout on SQLite).
+``ase db`` and ``ase gui`` still open every structure: the documents hold them as
+extended XYZ.
 """
 
 from __future__ import annotations
@@ -13,41 +16,51 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from atomforge.flows.models import StructureResult
+from atomforge.flows.settings import get_settings
 
 INDEX_FILE = "index.sqlite"
-COLUMNS = (
-    "flow_run_id",
-    "id",
-    "name",
-    "formula",
-    "engine",
-    "engine_version",
-    "status",
-    "energy_eV",
-    "energy_per_atom_eV",
-    "gap_eV",
-    "input_key",
-    "reused_from",
-    "created_at",
-    "parent_id",
-    "workflow_run_id",
-    "step",
+COLUMN_TYPES = {
+    "flow_run_id": "TEXT NOT NULL",
+    "id": "TEXT NOT NULL",
+    "name": "TEXT",
+    "formula": "TEXT",
+    "engine": "TEXT",
+    "engine_version": "TEXT",
+    "status": "TEXT",
+    "energy_eV": "DOUBLE PRECISION",
+    "energy_per_atom_eV": "DOUBLE PRECISION",
+    "gap_eV": "DOUBLE PRECISION",
+    "input_key": "TEXT",
+    "reused_from": "TEXT",
+    "created_at": "TEXT",
+    "parent_id": "TEXT",
+    "workflow_run_id": "TEXT",
+    "step": "TEXT",
+}
+COLUMNS = tuple(COLUMN_TYPES)
+TABLE = (
+    "CREATE TABLE IF NOT EXISTS results ("
+    + ", ".join(f'"{name}" {kind}' for name, kind in COLUMN_TYPES.items())
+    + ", PRIMARY KEY (flow_run_id, id))"
 )
-TABLE = f"""
-CREATE TABLE IF NOT EXISTS results ({", ".join(COLUMNS)}, PRIMARY KEY (flow_run_id, id));
-"""
-INDEXES = """
-CREATE INDEX IF NOT EXISTS results_by_key ON results (input_key, status);
-CREATE INDEX IF NOT EXISTS results_by_formula ON results (formula);
-CREATE INDEX IF NOT EXISTS results_by_created ON results (created_at);
-CREATE INDEX IF NOT EXISTS results_by_workflow ON results (workflow_run_id);
-"""
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS results_by_key ON results (input_key, status)",
+    "CREATE INDEX IF NOT EXISTS results_by_formula ON results (formula)",
+    "CREATE INDEX IF NOT EXISTS results_by_created ON results (created_at)",
+    "CREATE INDEX IF NOT EXISTS results_by_workflow ON results (workflow_run_id)",
+)
+UPSERT = (
+    f"INSERT INTO results ({', '.join(f'{chr(34)}{c}{chr(34)}' for c in COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT (flow_run_id, id) DO UPDATE SET "
+    + ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS[2:])
+)
 
 
 @dataclass(frozen=True)
@@ -67,49 +80,101 @@ class ResultFilter:
     step: str | None = None
 
 
-def _create(connection: sqlite3.Connection) -> None:
-    """Create the table and its indexes, adding the columns an older index lacks."""
-    connection.executescript(TABLE)
-    present = {row[1] for row in connection.execute("PRAGMA table_info(results)")}
-    for column in COLUMNS:
-        if column not in present:
-            connection.execute(f"ALTER TABLE results ADD COLUMN {column}")
-    connection.executescript(INDEXES)
+class IndexConnection:
+    """One connection to the index, SQLite or PostgreSQL, taking SQLite's SQL: ``?`` marks,
+    and a LIKE that ignores case (ILIKE on PostgreSQL)."""
+
+    def __init__(self, connection: Any, postgres: bool) -> None:
+        self.connection = connection
+        self.postgres = postgres
+
+    def execute(self, sql: str, values: Sequence[Any] = ()) -> list[tuple]:
+        """Run ``sql`` with ``values``; return the rows it selected (none for others)."""
+        if self.postgres:
+            sql = sql.replace("?", "%s").replace(" LIKE ", " ILIKE ")
+        cursor = self.connection.execute(sql, tuple(values))
+        return cursor.fetchall() if cursor.description else []
+
+    def create(self) -> None:
+        """Create the table and its indexes, adding the columns an older index lacks
+        (on PostgreSQL under an advisory lock: processes starting together take turns)."""
+        if self.postgres:
+            self.execute("SELECT pg_advisory_lock(hashtext('atomforge-index'))")
+        try:
+            self._create()
+        finally:
+            if self.postgres:
+                self.execute("SELECT pg_advisory_unlock(hashtext('atomforge-index'))")
+
+    def _create(self) -> None:
+        """Create the table and its indexes, and add missing columns."""
+        self.execute(TABLE)
+        if self.postgres:
+            present = {
+                row[0]
+                for row in self.execute(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'results'"
+                )
+            }
+        else:
+            present = {row[1] for row in self.execute("PRAGMA table_info(results)")}
+        present = {column.lower() for column in present}
+        for column, kind in COLUMN_TYPES.items():
+            if column.lower() not in present:
+                plain = kind.replace(" NOT NULL", "")
+                self.execute(f'ALTER TABLE results ADD COLUMN "{column}" {plain}')
+        for statement in INDEXES:
+            self.execute(statement)
 
 
-_OPEN: dict[tuple[Path, int], sqlite3.Connection] = {}
+def _open(root: Path, url: str | None) -> IndexConnection:
+    """Return a new connection to the index of ``root`` (PostgreSQL at ``url`` if given)."""
+    if url:
+        import psycopg
+
+        connection = IndexConnection(psycopg.connect(url, autocommit=True), postgres=True)
+    else:
+        raw = sqlite3.connect(
+            root / INDEX_FILE, timeout=60, isolation_level=None, check_same_thread=False
+        )
+        raw.execute("PRAGMA journal_mode=WAL")
+        connection = IndexConnection(raw, postgres=False)
+    connection.create()
+    return connection
+
+
+_OPEN: dict[tuple[str, int], IndexConnection] = {}
 _LOCK = threading.Lock()
 
 
 @contextmanager
-def _connected(root: Path) -> Iterator[sqlite3.Connection]:
+def _connected(root: Path) -> Iterator[IndexConnection]:
     """Yield this process's connection to the index of ``root``, held by the caller alone.
 
-    A connection is opened (and the table made) once per process and results folder,
-    not for each document stored: opening one cost about 4 ms, paid by every structure.
+    A connection is opened (and the table made) once per process and index, not for
+    each document stored: opening one cost about 4 ms, paid by every structure.
     """
-    key = (root, os.getpid())
+    url = get_settings().index_url
+    key = (url or str(root), os.getpid())
     with _LOCK:
         connection = _OPEN.get(key)
-        if connection is None or not (root / INDEX_FILE).exists():
-            connection = sqlite3.connect(
-                root / INDEX_FILE, timeout=60, isolation_level=None, check_same_thread=False
-            )
-            connection.execute("PRAGMA journal_mode=WAL")
-            _create(connection)
+        if connection is None or (not url and not (root / INDEX_FILE).exists()):
+            connection = _open(root, url)
             _OPEN[key] = connection
         yield connection
+
+
+def _exists(root: Path) -> bool:
+    """Return True if there may be an index to read (a PostgreSQL one always may)."""
+    return bool(get_settings().index_url) or (root / INDEX_FILE).exists()
 
 
 def index_result(root: Path, result: StructureResult) -> None:
     """Record ``result`` in the index (replacing an earlier entry for the same document)."""
     row = result.model_dump(mode="json", include=set(COLUMNS))
-    placeholders = ", ".join("?" for _ in COLUMNS)
     with _connected(root) as connection:
-        connection.execute(
-            f"INSERT OR REPLACE INTO results VALUES ({placeholders})",
-            [row.get(column) for column in COLUMNS],
-        )
+        connection.execute(UPSERT, [row.get(column) for column in COLUMNS])
 
 
 def find_completed(root: Path, input_keys: list[str]) -> dict[str, tuple[str, str]]:
@@ -117,7 +182,7 @@ def find_completed(root: Path, input_keys: list[str]) -> dict[str, tuple[str, st
 
     Of several, the newest; a result that was itself reused points back to its origin.
     """
-    if not input_keys or not (root / INDEX_FILE).exists():
+    if not input_keys or not _exists(root):
         return {}
     found: dict[str, tuple[str, str]] = {}
     with _connected(root) as connection:
@@ -139,7 +204,7 @@ def query_index(
     root: Path, query: ResultFilter, limit: int | None = None
 ) -> Iterator[tuple[str, str]]:
     """Yield (flow run id, id) of indexed results matching ``query``, newest first."""
-    if not (root / INDEX_FILE).exists():
+    if not _exists(root):
         return
     clauses, values = [], []
     for field, value in asdict(query).items():
@@ -149,14 +214,15 @@ def query_index(
             clauses.append("flow_run_id LIKE ?")
             value = f"{value}%"
         elif field == "name":
-            clauses.append("instr(name, ?) > 0")
+            clauses.append("name LIKE ?")
+            value = f"%{value}%"
         else:
-            clauses.append(f"{'id' if field == 'result_id' else field} = ?")
+            clauses.append(f'"{"id" if field == "result_id" else field}" = ?')
         values.append(value)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = f"SELECT flow_run_id, id FROM results {where} ORDER BY created_at DESC, id"
     if limit:
         sql += f" LIMIT {int(limit)}"
     with _connected(root) as connection:
-        rows = connection.execute(sql, values).fetchall()
+        rows = connection.execute(sql, values)
     yield from rows
