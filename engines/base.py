@@ -131,6 +131,9 @@ class Engine(ABC):
     directory and prints :data:`DONE_MARKER` lines; otherwise one process per directory,
     each taken just before it runs (so a task may take over other chunks' structures)."""
     log_name: ClassVar[str] = "engine.log"
+    max_atoms: ClassVar[int | None] = None
+    """The most atoms this engine is given: larger structures are refused at validation
+    (None: no limit)."""
     outputs: ClassVar[frozenset[str]] = frozenset()
     """Result fields this engine can fill beyond energies, forces and convergence
     (``gap_eV``, ``fermi_level_eV``, ``pressure_GPa``, ``magnetic_moment``): a workflow's
@@ -152,6 +155,10 @@ class Engine(ABC):
             raise InputError(f"{self.name}: cannot relax the cell")
         if params.relax_cell and (not periodic or params.kind is not CalculationKind.optimize):
             raise InputError("relax_cell needs a periodic structure and kind 'optimize'")
+        if self.max_atoms is not None and len(atoms) > self.max_atoms:
+            raise InputError(
+                f"{self.name}: {len(atoms)} atoms is more than it takes ({self.max_atoms})"
+            )
 
     def check_installed(self, params: CalculationParameters) -> None:
         """Raise :class:`InputError` naming what is missing to run this engine here.

@@ -247,6 +247,7 @@ class EspressoEngine(Engine):
 
     name = "espresso"
     outputs = frozenset({"gap_eV", "fermi_level_eV", "pressure_GPa", "magnetic_moment"})
+    max_atoms = 2000
     description = "Quantum ESPRESSO pw.x (plane-wave DFT, LDA pseudopotentials default); periodic"
     requires = "pw.x and pseudopotentials (Debian quantum-espresso, quantum-espresso-data)"
     options_model = EspressoOptions

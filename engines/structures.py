@@ -21,6 +21,8 @@ from atomforge.engines.errors import InputError
 
 STRUCTURE_SUFFIXES = frozenset({".xyz", ".extxyz", ".cif", ".vasp", ".pdb", ".traj", ".json"})
 MIN_DISTANCE = 0.5
+MAX_EXTENT = 1000.0
+"""Å: a molecule spanning more, or a cell longer, is taken for wrong units or a typo."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ def _read_frames(source: io.StringIO | Path, label: str, fmt: str | None) -> lis
         frames = read(source, index=":", format=fmt)
     except KeyError as exc:
         raise InputError(f"{label}: unknown element {exc.args[0]!r}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{label}: not a text structure file (binary content)") from None
     except Exception as exc:
         raise InputError(f"{label}: cannot read structure: {_one_line(exc)}") from None
     if not frames:
@@ -94,26 +98,43 @@ def read_structure_text(
     return _name_frames(name, _read_frames(io.StringIO(text), name, fmt))
 
 
-def read_structure_folder(folder: Path, fmt: str | None = None) -> list[NamedStructure]:
-    """Return the structures of every structure file in ``folder``, sorted by file name."""
+def read_structure_folder(
+    folder: Path, fmt: str | None = None, unreadable: list[tuple[NamedStructure, str]] | None = None
+) -> list[NamedStructure]:
+    """Return the structures of every structure file in ``folder``, sorted by file name.
+
+    A file that cannot be read raises InputError, or, given an ``unreadable`` list, is
+    added to it (an empty structure named after the file, and why) and skipped.
+    """
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in STRUCTURE_SUFFIXES)
     if not files:
         raise InputError(f"{folder}: no structure files ({', '.join(sorted(STRUCTURE_SUFFIXES))})")
     structures: list[NamedStructure] = []
     for path in files:
-        structures.extend(read_structure_file(path, fmt))
+        try:
+            structures.extend(read_structure_file(path, fmt))
+        except InputError as exc:
+            if unreadable is None:
+                raise
+            unreadable.append((NamedStructure(safe_name(path.stem), Atoms()), str(exc)))
     return structures
 
 
-def read_structures(path: str | None, text: str | None, fmt: str | None) -> list[NamedStructure]:
-    """Return the structures named by a path (file or folder) or given as inline text."""
+def read_structures(
+    path: str | None,
+    text: str | None,
+    fmt: str | None,
+    unreadable: list[tuple[NamedStructure, str]] | None = None,
+) -> list[NamedStructure]:
+    """Return the structures named by a path (file or folder) or given as inline text;
+    with an ``unreadable`` list, a folder's unreadable files go there instead of raising."""
     if (path is None) == (text is None):
         raise InputError("give exactly one of a structure path or inline structure text")
     if text is not None:
         return read_structure_text(text, fmt or "extxyz")
     source = Path(path).expanduser()
     if source.is_dir():
-        return read_structure_folder(source, fmt)
+        return read_structure_folder(source, fmt, unreadable)
     return read_structure_file(source, fmt)
 
 
@@ -141,6 +162,13 @@ def check_geometry(atoms: Atoms, label: str, min_distance: float = MIN_DISTANCE)
         raise InputError(f"{label}: positions contain NaN or infinite values")
     if atoms.pbc.any() and atoms.cell.rank < int(atoms.pbc.sum()):
         raise InputError(f"{label}: periodic structure has a degenerate cell")
+    periodic = bool(atoms.pbc.any())
+    extent = atoms.cell.lengths().max() if periodic else np.ptp(atoms.positions, axis=0).max()
+    if extent > MAX_EXTENT:
+        raise InputError(
+            f"{label}: {'its cell is' if periodic else 'spans'} {extent:.4g} A, more than "
+            f"{MAX_EXTENT:g} A (coordinates in another unit, or a typo?)"
+        )
     if len(atoms) < 2:
         return
     close = _closest_pair(atoms, min_distance)

@@ -44,6 +44,7 @@ class TbliteEngine(AseEngine):
 
     name = "tblite"
     outputs = frozenset({"gap_eV", "pressure_GPa"})
+    max_atoms = 5000
     description = "tblite library (GFN2-xTB default) through its ASE calculator"
     requires = "the tblite Python package (installed with atomforge)"
     options_model = TbliteOptions

@@ -220,6 +220,7 @@ class VaspEngine(Engine):
 
     name = "vasp"
     outputs = frozenset({"fermi_level_eV", "pressure_GPa", "magnetic_moment"})
+    max_atoms = 2000
     description = "VASP plane-wave DFT (licensed program); periodic structures"
     requires = "the VASP program (ATOMFORGE_VASP_COMMAND) and POTCARs (VASP_PP_PATH)"
     options_model = VaspOptions

@@ -9,6 +9,8 @@ gradient twice; ASE reads ORCA's ``input.engrad`` 14 times faster than the Turbo
 from __future__ import annotations
 
 import json
+import resource
+import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -50,6 +52,35 @@ DEFAULT_ETEMP = 300.0
 DEFAULT_ITERATIONS = 250
 
 
+ALPB_SOLVENTS = Literal[
+    "acetone",
+    "acetonitrile",
+    "aniline",
+    "benzaldehyde",
+    "benzene",
+    "ch2cl2",
+    "chcl3",
+    "cs2",
+    "dioxane",
+    "dmf",
+    "dmso",
+    "ether",
+    "ethylacetate",
+    "furane",
+    "hexandecane",
+    "hexane",
+    "methanol",
+    "nitromethane",
+    "octanol",
+    "woctanol",
+    "phenol",
+    "toluene",
+    "thf",
+    "water",
+]
+"""The solvents xtb 6.5 has ALPB parameters for (its manual, "Implicit Solvation")."""
+
+
 class XtbOptions(EngineOptions):
     """Options of the xtb program."""
 
@@ -68,9 +99,20 @@ class XtbOptions(EngineOptions):
     max_iterations: int | None = Field(
         None, ge=1, description="Most SCC iterations (xtb --iterations); default 250."
     )
-    solvent: str | None = Field(
-        None, description="ALPB implicit solvent, e.g. water, methanol, toluene."
-    )
+    solvent: ALPB_SOLVENTS | None = Field(None, description="ALPB implicit solvent.")
+
+
+def stack_unlimited() -> list[str]:
+    """Return the prefix that runs a program with its stack limit raised to the hard limit.
+
+    xtb keeps large arrays on the stack: with the usual 8 MB limit it dies of a
+    segmentation fault past a few thousand atoms (3000 He atoms did), as its manual warns
+    (``ulimit -s unlimited``). ``prlimit`` (util-linux) sets the limit and execs the
+    program, so its pid stays the engine's.
+    """
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    limit = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    return ["prlimit", f"--stack={limit}", "--"] if shutil.which("prlimit") else []
 
 
 class XtbProfile(BaseSettings):
@@ -83,7 +125,7 @@ class XtbProfile(BaseSettings):
     def argv(self, params: CalculationParameters) -> list[str]:
         """Return the xtb command line for ``params``."""
         opts: XtbOptions = params.options
-        argv = [self.command, INPUT_FILE, *METHOD_FLAGS[opts.method], "--json"]
+        argv = [*stack_unlimited(), self.command, INPUT_FILE, *METHOD_FLAGS[opts.method], "--json"]
         argv += ["--chrg", str(params.charge), "--uhf", str(params.multiplicity - 1)]
         if params.kind is CalculationKind.optimize:
             argv += ["--opt", opts.opt_level, "--cycles", str(params.max_steps)]
@@ -158,6 +200,7 @@ class XtbEngine(Engine):
 
     name = "xtb"
     outputs = frozenset({"gap_eV"})
+    max_atoms = 10000
     description = "xtb program (GFN2-xTB default); molecules"
     requires = "the xtb program (Debian package xtb)"
     options_model = XtbOptions

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Literal, NoReturn, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -22,7 +23,7 @@ from atomforge.engines.parameters import CalculationKind, CalculationParameters
 from atomforge.engines.registry import validation_line
 from atomforge.engines.status import Status
 from atomforge.flows.models import RunOptions, StructureResult, StructureSource
-from atomforge.flows.paths import run_paths
+from atomforge.flows.paths import run_paths, writable_roots
 from atomforge.flows.ranking import rank
 from atomforge.flows.settings import get_settings
 from atomforge.flows.store.files import (
@@ -41,6 +42,13 @@ if TYPE_CHECKING:
 
 EXIT_ENGINE_FAILED = 1
 EXIT_BAD_INPUT = 2
+EMBEDDED_PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+"""Prefect settings the command sets unless the environment does: no telemetry (its
+heartbeat fails on a busy embedded database, or without a network, with a traceback),
+and time for the embedded API to start on a loaded machine (Prefect's default is 20 s)."""
 
 
 def _option(text: str) -> tuple[str, str | int | float | bool]:
@@ -153,14 +161,24 @@ def _source(args: argparse.Namespace) -> StructureSource:
     """Return the structure source named on the command line."""
     if args.structure == "-":
         return StructureSource(text=sys.stdin.read(), format=args.format)
-    return StructureSource(path=str(Path(args.structure).resolve()), format=args.format)
+    try:
+        path = Path(args.structure).resolve()
+    except (RuntimeError, OSError):
+        raise InputError(f"{args.structure}: a symbolic link loop") from None
+    return StructureSource(path=str(path), format=args.format)
+
+
+def short_ref(result: StructureResult | RankedStructure) -> str:
+    """Return the short reference ``atomforge show`` takes: run id prefix/result id."""
+    run = getattr(result, "flow_run_id", None)
+    return f"{run[:8]}/{result.id}" if run else result.id
 
 
 def print_results(results: Sequence[StructureResult | RankedStructure]) -> None:
-    """Print a table of results, one line each."""
+    """Print a table of results, one line each, ending in the id ``atomforge show`` takes."""
     print(
         f"{'#':>3} {'name':<24} {'formula':<12} {'status':<10} {'E / eV':>14} "
-        f"{'E / Eh':>14} {'gap / eV':>9} {'conv':>5}"
+        f"{'E / Eh':>14} {'gap / eV':>9} {'conv':>5}  result"
     )
     for position, r in enumerate(results, start=1):
         energy = f"{r.energy_eV:14.6f}" if r.energy_eV is not None else f"{'':>14}"
@@ -169,7 +187,7 @@ def print_results(results: Sequence[StructureResult | RankedStructure]) -> None:
         conv = "" if r.converged is None else ("yes" if r.converged else "no")
         print(
             f"{position:>3} {r.name[:24]:<24} {r.formula[:12]:<12} {r.status:<10} {energy} "
-            f"{hartree} {gap} {conv:>5}" + (f"  {r.message}" if r.message else "")
+            f"{hartree} {gap} {conv:>5}  {short_ref(r)}" + (f"  {r.message}" if r.message else "")
         )
 
 
@@ -194,8 +212,12 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
         )
     except ValidationError as exc:
         raise InputError(validation_line(exc)) from None
+    writable_roots(get_settings())
     run_paths(get_settings(), "check", options.run_dir)
-    check_inputs(source, params, skip_invalid)
+    validated = check_inputs(source, params, skip_invalid)
+    if args.command == "run" and len(validated.structures) != 1:
+        found = len(validated.structures)
+        raise InputError(f"{args.structure}: run takes one structure, found {found}: use screen")
     return source, params, options
 
 
@@ -280,6 +302,7 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     from atomforge.flows.workflows.spec import load_spec
 
     spec = load_spec(args.spec)
+    writable_roots(get_settings())
     if args.no_reuse:
         spec.options.reuse = False
     _check_workflow(spec)
@@ -423,9 +446,19 @@ def _version() -> str:
         return "unknown"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser that reports a bad command line in one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``atomforge: error: <message>`` (and where to get help); exit 2."""
+        hint = "(--help lists the options)"
+        print(f"atomforge: error: {self.prog}: {message} {hint}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``atomforge`` command."""
-    parser = argparse.ArgumentParser(prog="atomforge", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="atomforge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="compute one structure")
@@ -495,9 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return its exit code."""
+    for name, value in EMBEDDED_PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except InputError as exc:
         print(f"atomforge: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

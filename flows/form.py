@@ -31,8 +31,8 @@ class FormBase(BaseModel):
     engine: str
     options: dict[str, Any] | None = Field(
         None,
-        description="The chosen engine's options in one mapping, instead of its block "
-        "below (the shape of YAML specs, the CLI's -o and Python); moved into that block.",
+        description="The chosen engine's options in one mapping, the shape of YAML specs, "
+        "the CLI's -o and Python; merged into the engine's block below, whose values win.",
     )
 
     @model_validator(mode="before")
@@ -44,8 +44,11 @@ class FormBase(BaseModel):
         if isinstance(data, dict) and "options" in data:
             data = dict(data)
             options = data.pop("options")
+            engine = data.get("engine", "xtb")
             if options is not None:
-                data[data.get("engine", "xtb")] = options
+                block = data.get(engine)
+                block = block.model_dump() if isinstance(block, BaseModel) else block or {}
+                data[engine] = {**options, **block}
         return data
 
     def resolve(self) -> CalculationParameters:

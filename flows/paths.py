@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,25 @@ class RunPaths:
     def stop_file(self) -> Path:
         """Return the file whose existence tells every engine of this run to stop."""
         return self.control_dir / "stop"
+
+
+def writable_roots(settings: Settings) -> tuple[Path, Path]:
+    """Return the work and results roots, made if needed; raise InputError (one line)
+    if either cannot be made or written, so that no engine runs for results that
+    could not be stored."""
+    roots = []
+    for name, resolve in (
+        ("work root", settings.resolved_work_root),
+        ("results root", settings.resolved_results_root),
+    ):
+        try:
+            root = resolve()
+        except OSError as exc:
+            raise InputError(f"{name} {exc.filename}: cannot be made: {exc.strerror}") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise InputError(f"{name} {root}: cannot be written")
+        roots.append(root)
+    return roots[0], roots[1]
 
 
 def run_paths(settings: Settings, flow_run_id: str, run_dir: str | None = None) -> RunPaths:

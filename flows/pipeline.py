@@ -15,7 +15,7 @@ from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 
 from atomforge.engines import get_engine
-from atomforge.engines.errors import AtomforgeError
+from atomforge.engines.errors import AtomforgeError, InputError
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.status import JobStatus, Status
 from atomforge.flows.hooks import stop_run_engines
@@ -185,6 +185,7 @@ async def run_structures(
     options: RunOptions,
     title: str,
     lineage: Lineage | None = None,
+    single: bool = False,
 ) -> RunOutcome:
     """Run every structure of ``source`` through the four steps and return the outcome.
 
@@ -192,7 +193,8 @@ async def run_structures(
     parse-results run here; run-engine goes to Dask once per chunk, one chunk per worker
     thread, balanced by estimated cost. Structures are parsed as they finish. Each
     structure's result and a run summary are stored as JSON as soon as they are known; a
-    failed chunk yields ``failed`` results, not a crash.
+    failed chunk yields ``failed`` results, not a crash. A ``single`` run refuses a
+    source of more than one structure before any engine starts.
     """
     settings = get_settings()
     context = FlowRunContext.get()
@@ -225,6 +227,9 @@ async def run_structures(
     )
     try:
         validated = await validate(source, params, options.skip_invalid)
+        found = len(validated.structures) + len(validated.rejected)
+        if single and found != 1:
+            raise InputError(f"simulate takes one structure, the source has {found}: use screen")
         slots = engine_slots(context.task_runner, settings, params.cores)
         planned = plan_jobs(validated.structures, 0, paths)
         progress.total = len(planned)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from atomforge.engines.errors import EngineError, InputError
+from atomforge.engines.errors import EngineError
 from atomforge.flows.models import (
     DEFAULT_OPTIONS,
     DEFAULT_PARAMETERS,
@@ -37,9 +37,7 @@ async def simulate(
         options: Where the run works, and whether a stored identical result is reused.
     """
     title = f"{parameters.engine} {parameters.kind.value}"
-    outcome = await run_structures(source, parameters.resolve(), options, title)
-    if len(outcome.results) != 1:
-        raise InputError(f"simulate takes one structure, got {len(outcome.results)}: use screen")
+    outcome = await run_structures(source, parameters.resolve(), options, title, single=True)
     await outcome.publish("simulate", title)
     result = outcome.results[0]
     if not result.ok:

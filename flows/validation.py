@@ -45,18 +45,20 @@ def check_inputs(
 ) -> ValidatedInput:
     """Return the structures of ``source`` that pass every check; raise InputError otherwise.
 
-    With ``skip_invalid`` an invalid structure is set aside with its reason instead.
+    With ``skip_invalid`` an invalid structure, or an unreadable file of a folder, is set
+    aside with its reason instead.
     """
     engine = get_engine(params.engine)
     engine.check_installed(params)
     min_distance = get_settings().min_distance
+    rejected: list[tuple[NamedStructure, str]] = []
     if source.results is not None:
         root = get_settings().resolved_results_root()
         structures = load_structures(root, source.results)
     else:
-        structures = read_structures(source.path, source.text, source.format)
+        unreadable = rejected if skip_invalid else None
+        structures = read_structures(source.path, source.text, source.format, unreadable)
     accepted: list[NamedStructure] = []
-    rejected: list[tuple[NamedStructure, str]] = []
     for structure in structures:
         try:
             validate_structure(structure, params, engine, min_distance)

@@ -44,6 +44,15 @@ def _atomforge(*args: str, home: Path, stdin: str | None = None) -> subprocess.C
         (WATER_XYZ, ["-o", "solvent.x=1", "-o", "solvent.x.y=2"], "nests under a plain option"),
         (WATER_XYZ, ["--kind", "md"], "xtb: no kind 'md'"),
         (WATER_XYZ, ["--cores", "zero"], "cores: Input should be a valid integer"),
+        ("2\n\nH 0 0 0\nH 1000000 0 0.74\n", [], "spans 1e+06 A, more than 1000 A"),
+        (WATER_XYZ, ["--kind", "foo"], "argument --kind: invalid choice: 'foo'"),
+        (WATER_XYZ, ["-o", "solvent=nosuch"], "options.solvent: Input should be"),
+        (
+            "10001\n\n"
+            + "".join(f"He {i % 22 * 3} {i // 22 % 22 * 3} {i // 484 * 3}\n" for i in range(10001)),
+            [],
+            "xtb: 10001 atoms is more than it takes (10000)",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line_before_any_engine(tmp_path, content, args, message):
@@ -135,3 +144,47 @@ def test_engine_failure_is_one_line_without_a_traceback(tmp_path):
         "atomforge: error: Flow run encountered an exception: EngineError: "
         "h2: failed: xtb finished but returned a non-finite energy (nan)"
     )
+
+
+def test_binary_file_symlink_loop_folder_for_run_and_results_root_file_are_one_line(tmp_path):
+    (tmp_path / "a.xyz").symlink_to(tmp_path / "b.xyz")
+    (tmp_path / "b.xyz").symlink_to(tmp_path / "a.xyz")
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("one", "two"):
+        (folder / f"{name}.xyz").write_text(WATER_XYZ)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    (tmp_path / "bin.xyz").write_bytes(bytes(range(160, 256)))
+    cases = [
+        (["run", str(tmp_path / "bin.xyz")], {}, "not a text structure file (binary content)"),
+        (["run", str(tmp_path / "a.xyz")], {}, "a symbolic link loop"),
+        (["run", str(folder)], {}, "run takes one structure, found 2: use screen"),
+        (
+            ["run", str(folder / "one.xyz")],
+            {"ATOMFORGE_RESULTS_ROOT": str(blocker)},
+            "cannot be made",
+        ),
+    ]
+    for args, env, message in cases:
+        os.environ.update(env)
+        try:
+            out = _atomforge(*args, home=tmp_path / "home")
+        finally:
+            for name in env:
+                os.environ.pop(name)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_screen_skip_invalid_reports_an_empty_file_and_computes_the_rest(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "water.xyz").write_text(WATER_XYZ)
+    (folder / "empty.xyz").write_text("")
+    out = _atomforge(
+        "screen", str(folder), "--kind", "singlepoint", "--skip-invalid", home=tmp_path / "h"
+    )
+    assert out.returncode == 1, out.stderr
+    assert "1 of 2 completed" in out.stdout
+    assert "structure file is empty" in out.stdout

@@ -67,7 +67,7 @@ UPSERT = (
 class ResultFilter:
     """What a query asks of indexed results; each given field must match.
 
-    ``flow_run_id`` may be a prefix, ``name`` a part of the name; the rest match exactly.
+    Run ids may be prefixes, ``name`` a part of the name; the rest match exactly.
     """
 
     flow_run_id: str | None = None
@@ -210,8 +210,8 @@ def query_index(
     for field, value in asdict(query).items():
         if not value:
             continue
-        if field == "flow_run_id":
-            clauses.append("flow_run_id LIKE ?")
+        if field in ("flow_run_id", "workflow_run_id"):
+            clauses.append(f"{field} LIKE ?")
             value = f"{value}%"
         elif field == "name":
             clauses.append("name LIKE ?")

@@ -42,7 +42,11 @@ def workflow_step_model() -> type[StepBase]:
         name=(str, Field(pattern=STEP_NAME, description="The step's name (letters, digits, _.-).")),
         select=(
             Select | None,
-            Field(None, description="Which results of the step before go on (not on step 1)."),
+            Field(
+                None,
+                title="select",
+                description="Which results of the step before go on (not on step 1).",
+            ),
         ),
         deployment=(
             str | None,

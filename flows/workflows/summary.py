@@ -48,7 +48,7 @@ def cell(result: StructureResult) -> str:
     text = f"{result.energy_per_atom_eV:.4f} eV/atom"
     if result.gap_eV is not None:
         text += f", gap {result.gap_eV:.2f} eV"
-    return text + (" (reused)" if result.reused_from else "")
+    return text
 
 
 class Lines:
