@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,56 +14,23 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, WATER_XYZ, water_cluster_xyz
+from tests.prefect_server import PREFECT, prefect_cli, server_env, start_server, stop
 
 pytestmark = pytest.mark.e2e
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Start a Prefect server and a worker on loopback; return (env, api_url, atomforge_home)."""
     home = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = os.environ.copy() | {
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_API_URL": api,
-        "ATOMFORGE_HOME": str(home / "atomforge"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PWD": str(REPO),
-    }
-    env.pop("PREFECT_API_KEY", None)
+    env = server_env(home)
     logs = home / "logs"
     logs.mkdir()
-    server_env = env | {"PREFECT_API_URL": ""}
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env,
-        cwd=home,
-        stdout=(logs / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = start_server(env, logs / "server.log")
     worker = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (logs / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        _cli(env, "work-pool", "create", "atomforge-process", "--type", "process")
-        _cli(env, "--no-prompt", "deploy", "--all")
+        prefect_cli(env, "work-pool", "create", "atomforge-process", "--type", "process")
+        prefect_cli(env, "--no-prompt", "deploy", "--all")
         worker = subprocess.Popen(
             [PREFECT, "worker", "start", "--pool", "atomforge-process"],
             env=env,
@@ -75,31 +39,18 @@ def stack(tmp_path_factory):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        yield env, api, Path(env["ATOMFORGE_HOME"])
+        yield env, env["PREFECT_API_URL"], Path(env["ATOMFORGE_HOME"])
     finally:
-        for proc in (worker, server):
-            if proc is not None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
+        stop(worker)
+        stop(server)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _cli(env: dict, *args: str) -> str:
-    out = subprocess.run(
-        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
 
 
 def _run_deployment(env: dict, name: str, **params) -> str:
     args = ["deployment", "run", name]
     for key, value in params.items():
         args += ["--param", f"{key}={json.dumps(value)}"]
-    out = _cli(env, *args)
+    out = prefect_cli(env, *args)
     return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
 
 
@@ -151,7 +102,7 @@ def test_cancelling_a_deployment_run_stops_its_engine(stack, tmp_path):
         time.sleep(0.5)
     pid = json.loads(next(pid_dir.glob("*.json")).read_text())["pid"]
     assert "xtb" in psutil.Process(pid).name()
-    _cli(env, "flow-run", "cancel", flow_run_id)
+    prefect_cli(env, "flow-run", "cancel", flow_run_id)
     state = _wait_final(api, flow_run_id, timeout=120)
     assert state["type"] == "CANCELLED", state
     deadline = time.monotonic() + 30

@@ -4,12 +4,9 @@ redeploy keeps the state someone gave it, and a run reads the inbox from the env
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,67 +14,23 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, WATER_XYZ
+from tests.prefect_server import PREFECT, prefect_cli, server_env, start_server, stop
 
 pytestmark = pytest.mark.e2e
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 DEPLOYMENT = "screen-inbox/screen-nightly"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None:
-        return
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Start a Prefect server on loopback with the process pool; return (env, api, home)."""
     home = tmp_path_factory.mktemp("inbox-e2e")
-    api = f"http://127.0.0.1:{_free_port()}/api"
-    env = os.environ.copy() | {
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_API_URL": api,
-        "ATOMFORGE_HOME": str(home / "atomforge"),
-        "ATOMFORGE_INBOX_DIR": str(home / "inbox"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PWD": str(REPO),
-    }
-    env.pop("PREFECT_API_KEY", None)
-    port = api.split(":")[2].split("/")[0]
-    log = home / "server.log"
-    proc = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env | {"PREFECT_API_URL": ""},
-        cwd=home,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    env = server_env(home, ATOMFORGE_INBOX_DIR=str(home / "inbox"))
+    proc = start_server(env, home / "server.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        _cli(env, "work-pool", "create", "atomforge-process", "--type", "process")
-        yield env, api, home
+        prefect_cli(env, "work-pool", "create", "atomforge-process", "--type", "process")
+        yield env, env["PREFECT_API_URL"], home
     finally:
-        _stop(proc)
+        stop(proc)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -88,16 +41,8 @@ def deployed(server):
     return server
 
 
-def _cli(env: dict, *args: str) -> str:
-    out = subprocess.run(
-        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
-
-
 def _deploy(env: dict) -> None:
-    _cli(env, "--no-prompt", "deploy", "--name", "screen-nightly")
+    prefect_cli(env, "--no-prompt", "deploy", "--name", "screen-nightly")
 
 
 def _schedules(api: str) -> list[dict]:
@@ -121,12 +66,12 @@ def test_the_nightly_schedule_starts_off_and_a_redeploy_keeps_its_state(deployed
     assert (schedule["slug"], schedule["active"]) == ("nightly", False)
     assert schedule["schedule"]["cron"] == "0 2 * * *"
 
-    _cli(env, "deployment", "schedule", "resume", DEPLOYMENT, schedule["id"])
+    prefect_cli(env, "deployment", "schedule", "resume", DEPLOYMENT, schedule["id"])
     assert _schedules(api)[0]["active"] is True
     _deploy(env)
     assert [(s["id"], s["active"]) for s in _schedules(api)] == [(schedule["id"], True)]
 
-    _cli(env, "deployment", "schedule", "pause", DEPLOYMENT, schedule["id"])
+    prefect_cli(env, "deployment", "schedule", "pause", DEPLOYMENT, schedule["id"])
     _deploy(env)
     assert [(s["id"], s["active"]) for s in _schedules(api)] == [(schedule["id"], False)]
 
@@ -150,7 +95,7 @@ def test_a_nightly_run_screens_the_inbox_the_environment_names(deployed):
         (inbox / "water.xyz").write_text(WATER_XYZ)
         state = _run(env, api)
     finally:
-        _stop(worker)
+        stop(worker)
     assert state["type"] == "COMPLETED", (state, (home / "worker.log").read_text()[-3000:])
     sidecar = json.loads((inbox / "done" / "water.xyz.result.json").read_text())
     assert sidecar["status"] == "done"
@@ -164,5 +109,5 @@ def test_a_nightly_run_screens_the_inbox_the_environment_names(deployed):
 
 
 def _run(env: dict, api: str) -> dict:
-    out = _cli(env, "deployment", "run", DEPLOYMENT)
+    out = prefect_cli(env, "deployment", "run", DEPLOYMENT)
     return _wait_final(api, re.search(r"UUID: ([0-9a-f-]{36})", out).group(1))
