@@ -63,6 +63,18 @@ def start_server(env: dict[str, str], log: Path) -> subprocess.Popen:
         time.sleep(0.5)
 
 
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a process worker on the atomforge-process pool, in the repository; return it."""
+    return subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "atomforge-process"],
+        env=env,
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def stop(proc: subprocess.Popen | None) -> None:
     """Stop ``proc``'s whole process group: SIGTERM, then SIGKILL after 30 s."""
     if proc is None:

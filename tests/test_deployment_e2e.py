@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO, WATER_XYZ, water_cluster_xyz
-from tests.prefect_server import PREFECT, prefect_cli, server_env, start_server, stop
+from tests.conftest import WATER_XYZ, water_cluster_xyz
+from tests.prefect_server import prefect_cli, server_env, start_server, start_worker, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -31,14 +30,7 @@ def stack(tmp_path_factory):
     try:
         prefect_cli(env, "work-pool", "create", "atomforge-process", "--type", "process")
         prefect_cli(env, "--no-prompt", "deploy", "--all")
-        worker = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "atomforge-process"],
-            env=env,
-            cwd=REPO,
-            stdout=(logs / "worker.log").open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        worker = start_worker(env, logs / "worker.log")
         yield env, env["PREFECT_API_URL"], Path(env["ATOMFORGE_HOME"])
     finally:
         stop(worker)

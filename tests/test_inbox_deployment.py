@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import REPO, WATER_XYZ
-from tests.prefect_server import PREFECT, prefect_cli, server_env, start_server, stop
+from tests.conftest import WATER_XYZ
+from tests.prefect_server import prefect_cli, server_env, start_server, start_worker, stop
 
 pytestmark = pytest.mark.e2e
 DEPLOYMENT = "screen-inbox/screen-nightly"
@@ -80,14 +79,7 @@ def test_a_nightly_run_screens_the_inbox_the_environment_names(deployed):
     env, api, home = deployed
     inbox = Path(env["ATOMFORGE_INBOX_DIR"])
     assert not inbox.exists()
-    worker = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", "atomforge-process"],
-        env=env,
-        cwd=REPO,
-        stdout=(home / "worker.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    worker = start_worker(env, home / "worker.log")
     try:
         empty = _run(env, api)
         assert empty["type"] == "COMPLETED", empty
