@@ -530,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return its exit code."""
     for name, value in EMBEDDED_PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if sys.stderr.isatty():
+        os.environ.setdefault("ATOMFORGE_TERMINAL_PROGRESS", "true")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -282,6 +282,7 @@ async def run_structures(
         summary.state, summary.message = "Failed", str(exc)
         summary.finished_at = datetime.now(timezone.utc)
         save_run(results_root, summary)
+        progress.close_terminal()
         await asyncio.gather(progress.creating, links, return_exceptions=True)
         raise
     except BaseException:

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         "shared by every machine that writes to one results folder; default: SQLite "
         "index.sqlite in the results folder.",
     )
+    terminal_progress: bool = Field(
+        False,
+        description="Draw a progress bar on the terminal (the atomforge command turns it "
+        "on when its standard error is a terminal).",
+    )
     min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
 
     def resolved_work_root(self) -> Path:

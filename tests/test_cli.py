@@ -188,3 +188,25 @@ def test_screen_skip_invalid_reports_an_empty_file_and_computes_the_rest(tmp_pat
     assert out.returncode == 1, out.stderr
     assert "1 of 2 completed" in out.stdout
     assert "structure file is empty" in out.stdout
+
+
+def test_screen_on_a_terminal_draws_a_progress_bar_and_not_elsewhere(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.xyz").write_text(WATER_XYZ)
+    typescript = tmp_path / "terminal.out"
+    command = f"{ATOMFORGE} screen {folder} --kind singlepoint"
+    env = os.environ.copy() | {"ATOMFORGE_HOME": str(tmp_path / "home"), "COLUMNS": "160"}
+    subprocess.run(
+        ["script", "-qec", command, str(typescript)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
+    drawn = typescript.read_text(errors="replace")
+    assert "2/2" in drawn and ("a: completed" in drawn or "b: completed" in drawn)
+    piped = _atomforge("screen", str(folder), "--kind", "singlepoint", home=tmp_path / "home2")
+    assert "2/2" not in piped.stderr

@@ -10,6 +10,8 @@ from uuid import UUID
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 
 from atomforge.flows.models import StructureResult
+from atomforge.flows.settings import get_settings
+from atomforge.flows.ui.terminal import TerminalBar
 
 
 class RunProgress:
@@ -18,7 +20,9 @@ class RunProgress:
     Must be created inside a running event loop. The artifact is created in the
     background, so nothing waits for the API; :meth:`advance` updates it at most once
     per ``interval`` seconds, skipping an update while the artifact is still being created
-    or the previous update is on its way, and logs how far the run is.
+    or the previous update is on its way, and logs how far the run is. With
+    ``ATOMFORGE_TERMINAL_PROGRESS`` it also draws a bar on the terminal, moved by every
+    structure.
     """
 
     def __init__(
@@ -33,6 +37,7 @@ class RunProgress:
             acreate_progress_artifact(0.0, key=f"{key}-progress", description=title)
         )
         self.updating: asyncio.Future[None] | None = None
+        self.terminal = TerminalBar(title) if get_settings().terminal_progress else None
 
     def percent(self) -> float:
         """Return how much of the run is done, in percent."""
@@ -41,6 +46,8 @@ class RunProgress:
     def advance(self, result: StructureResult) -> None:
         """Count ``result``'s structure as done."""
         self.done += 1
+        if self.terminal is not None:
+            self.terminal.update(self.done, self.total, f"{result.name}: {result.status}")
         now = time.monotonic()
         busy = self.updating is not None and not self.updating.done()
         if now - self.last_update < self.interval or not self.creating.done() or busy:
@@ -63,6 +70,7 @@ class RunProgress:
 
     async def finish(self) -> None:
         """Wait for the updates on their way, then set the bar to 100 %."""
+        self.close_terminal()
         artifact_id = await self.creating
         if self.updating is not None:
             (outcome,) = await asyncio.gather(self.updating, return_exceptions=True)
@@ -76,6 +84,13 @@ class RunProgress:
 
     def cancel(self) -> None:
         """Drop the creation or update still on its way (the run is being stopped)."""
+        self.close_terminal()
         self.creating.cancel()
         if self.updating is not None:
             self.updating.cancel()
+
+    def close_terminal(self) -> None:
+        """Leave the terminal bar as it is now, if there is one."""
+        if self.terminal is not None:
+            self.terminal.close()
+            self.terminal = None
