@@ -102,17 +102,18 @@ class XtbOptions(EngineOptions):
     solvent: ALPB_SOLVENTS | None = Field(None, description="ALPB implicit solvent.")
 
 
-def stack_unlimited() -> list[str]:
+@cache
+def stack_unlimited() -> tuple[str, ...]:
     """Return the prefix that runs a program with its stack limit raised to the hard limit.
 
     xtb keeps large arrays on the stack: with the usual 8 MB limit it dies of a
     segmentation fault past a few thousand atoms (3000 He atoms did), as its manual warns
     (``ulimit -s unlimited``). ``prlimit`` (util-linux) sets the limit and execs the
-    program, so its pid stays the engine's.
+    program, so its pid stays the engine's. Looked up once per process, not per structure.
     """
     hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
     limit = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
-    return ["prlimit", f"--stack={limit}", "--"] if shutil.which("prlimit") else []
+    return ("prlimit", f"--stack={limit}", "--") if shutil.which("prlimit") else ()
 
 
 class XtbProfile(BaseSettings):
