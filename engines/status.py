@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -41,6 +43,8 @@ class JobStatus:
     returncode: int | None = None
     started_at: float | None = None
     corrections: list[dict[str, Any]] = field(default_factory=list)
+    host: str | None = None
+    batch_job: str | None = None
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -51,7 +55,10 @@ class JobStatus:
         return self.status is Status.completed
 
     def write(self, directory: Path, name: str = STATUS_FILE) -> None:
-        """Write this status into ``directory`` atomically, as ``name``."""
+        """Write this status into ``directory`` atomically, as ``name``, saying where it ran:
+        this host, and the batch (SLURM) job this process runs in, if any."""
+        self.host = self.host or socket.gethostname()
+        self.batch_job = self.batch_job or os.environ.get("SLURM_JOB_ID")
         tmp = directory / f".{name}.tmp"
         tmp.write_text(json.dumps({**asdict(self), "status": self.status.value}))
         tmp.replace(directory / name)

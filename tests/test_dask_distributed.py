@@ -110,5 +110,9 @@ def test_local_cluster_is_the_default_and_hpc_clusters_are_configurable():
     from prefect.utilities.importtools import from_qualified_name
 
     assert from_qualified_name(slurm.cluster_class).__name__ == "SLURMCluster"
-    assert slurm.cluster_kwargs == {"cores": 4, "memory": "8GB"}
-    assert slurm.adapt_kwargs == {"maximum": 10}
+    assert (slurm.cluster_kwargs["cores"], slurm.cluster_kwargs["memory"]) == (4, "8GB")
+    assert slurm.adapt_kwargs == {"minimum": 0, "maximum": 10}
+    pbs = dask_task_runner(
+        Settings(dask_cluster_class="dask_jobqueue.PBSCluster", dask_cluster_kwargs={"cores": 2})
+    )
+    assert pbs.cluster_kwargs == {"cores": 2}

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
+from distributed import get_worker
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from atomforge.engines.errors import InputError
+from atomforge.flows.scheduling import slurm
 from atomforge.flows.settings import Settings, get_settings
 
 QUIET_LOCAL_CLUSTER = {
@@ -33,7 +35,9 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
     """Return a DaskTaskRunner as configured.
 
     ``ATOMFORGE_DASK_ADDRESS`` connects to a running scheduler; ``ATOMFORGE_DASK_CLUSTER_CLASS``
-    (e.g. ``dask_jobqueue.SLURMCluster``) with ``ATOMFORGE_DASK_CLUSTER_KWARGS`` starts one;
+    (e.g. ``dask_jobqueue.PBSCluster``) with ``ATOMFORGE_DASK_CLUSTER_KWARGS`` starts one, and
+    ``dask_jobqueue.SLURMCluster`` one whose jobs the ``ATOMFORGE_SLURM_*`` settings describe
+    (see :mod:`atomforge.flows.scheduling.slurm`);
     otherwise a ``LocalCluster`` with ``ATOMFORGE_DASK_WORKERS`` cores: one worker with a
     thread and a ``cores`` resource unit per core (a worker process per core with
     ``ATOMFORGE_DASK_PROCESSES``), so that a 2-core engine task takes two of them.
@@ -41,6 +45,8 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
     settings = settings or get_settings()
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
+    if slurm.is_slurm(settings):
+        return SlurmTaskRunner(settings)
     adapt = {"maximum": settings.dask_adapt_max} if settings.dask_adapt_max else None
     if settings.dask_cluster_class:
         return DaskTaskRunner(
@@ -68,6 +74,59 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
     )
 
 
+class SlurmTaskRunner(DaskTaskRunner):
+    """A Dask task runner on a SLURMCluster that submits jobs as structures wait.
+
+    It scales adaptively from no job up to the most jobs the settings allow, and writes
+    down which jobs work for which flow run (see :func:`slurm.record_jobs`), so that a
+    cancelled or crashed run's hook cancels them.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        kwargs = slurm.slurm_cluster_kwargs(settings) | settings.dask_cluster_kwargs
+        super().__init__(
+            cluster_class=slurm.SLURM_CLUSTER_CLASS,
+            cluster_kwargs=kwargs,
+            adapt_kwargs={"minimum": 0, "maximum": slurm.max_jobs(settings)},
+        )
+        self.settings = settings
+        self.recorded: set[str] = set()
+
+    @property
+    def job_name(self) -> str:
+        """Return the name every job of this runner's cluster has."""
+        return self.cluster_kwargs["job_name"]
+
+    @property
+    def job_cores(self) -> int:
+        """Return the cores of each job (one Dask worker)."""
+        return int(self.cluster_kwargs["cores"])
+
+    def record_for(self, flow_run_id: str) -> None:
+        """Write down, once, that this cluster's jobs work for ``flow_run_id``."""
+        if flow_run_id not in self.recorded:
+            slurm.record_jobs(self.settings, flow_run_id, self.job_name)
+            self.recorded.add(flow_run_id)
+
+    def submit(self, *args: Any, **kwargs: Any):
+        """Submit a task (see DaskTaskRunner), first recording the jobs for its flow run."""
+        context = FlowRunContext.get()
+        if context is not None:
+            self.record_for(str(context.flow_run.id))
+        return super().submit(*args, **kwargs)
+
+    def duplicate(self) -> SlurmTaskRunner:
+        """Return a runner set up like this one, for a new flow run."""
+        return SlurmTaskRunner(self.settings)
+
+
+def cancel_slurm_jobs(flow, flow_run, state) -> None:
+    """Cancel the SLURM jobs that worked for ``flow_run`` (a flow state hook)."""
+    settings = get_settings()
+    if slurm.is_slurm(settings):
+        slurm.cancel_recorded_jobs(settings, str(flow_run.id))
+
+
 @dataclass(frozen=True)
 class EngineSlots:
     """How many structures a run computes at once, and what each engine task asks Dask for."""
@@ -87,6 +146,14 @@ def engine_slots(task_runner: TaskRunner | None, settings: Settings, cores: int)
     Raises InputError when no worker can ever run a ``cores``-core task.
     """
     resources = {CORES: cores}
+    if isinstance(task_runner, SlurmTaskRunner):
+        if cores > task_runner.job_cores:
+            raise InputError(
+                f"cores={cores}: each SLURM job has {task_runner.job_cores} core(s) "
+                "(set ATOMFORGE_SLURM_CORES)"
+            )
+        per_job = task_runner.job_cores // cores
+        return EngineSlots(slurm.max_jobs(settings) * per_job, resources)
     if settings.dask_adapt_max:
         return EngineSlots(settings.dask_adapt_max, resources if cores > 1 else None)
     workers = []
@@ -112,15 +179,23 @@ class SettingsDaskTaskRunner(DaskTaskRunner):
     """A Dask task runner set up from the settings when a flow run starts, not at import.
 
     Prefect gives each flow run a duplicate of its flow's task runner; this one's
-    duplicate is :func:`dask_task_runner` as the environment says at that moment, or,
-    for a subflow of a flow that has a Dask runner (a workflow's steps), a client of the
-    parent's cluster: the steps share one cluster instead of starting one each.
+    duplicate is :func:`dask_task_runner` as the environment says at that moment; on a
+    Dask worker (where Prefect rebuilds a task's flow context) a client of the worker's
+    own cluster; for a subflow of a flow that has a Dask runner (a workflow's steps), a
+    client of the parent's cluster: the steps share one cluster instead of starting one
+    each.
     """
 
     def duplicate(self) -> DaskTaskRunner:
         """Return the parent flow run's cluster as a runner, or the one the settings describe."""
+        try:
+            return DaskTaskRunner(address=get_worker().scheduler.address)
+        except ValueError:
+            pass
         parent = FlowRunContext.get()
         if parent is not None and isinstance(parent.task_runner, DaskTaskRunner):
+            if isinstance(parent.task_runner, SlurmTaskRunner):
+                parent.task_runner.record_for(str(parent.flow_run.id))
             return DaskTaskRunner(address=parent.task_runner.client.scheduler.address)
         return dask_task_runner()
 
@@ -138,8 +213,8 @@ def simulation_flow_options() -> dict[str, Any]:
     return {
         "task_runner": SettingsDaskTaskRunner(),
         "flow_run_name": run_name,
-        "on_cancellation": [stop_engines],
-        "on_crashed": [stop_engines],
+        "on_cancellation": [stop_engines, cancel_slurm_jobs],
+        "on_crashed": [stop_engines, cancel_slurm_jobs],
         "persist_result": True,
         "result_serializer": "json",
     }
