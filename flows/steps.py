@@ -12,6 +12,7 @@ builds a fresh TLS context for each, about 25 ms). run-engine is sync and goes t
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from prefect.logging import get_run_logger
 
 from atomforge.engines import get_engine
 from atomforge.engines.base import STRUCTURE_FILE
+from atomforge.engines.errors import InputError
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.runloop import RunControl, run_jobs
 from atomforge.engines.status import JobStatus
@@ -91,10 +93,15 @@ def run_engine(
     other chunks that no task has started (see :mod:`atomforge.flows.scheduling.claims`).
     Each directory it ran holds a ``status.json`` saying how it ended. This is the step
     that goes to a Dask worker: it takes only paths, so nothing heavy is serialized, and
-    the working directories must be on a file system the flow shares.
+    the working directories must be on a file system the flow shares (InputError if not).
     """
     if not chunks[index]:
         return []
+    if not chunks[index][0].is_dir():
+        raise InputError(
+            f"{chunks[index][0]} is not visible on Dask worker host {socket.gethostname()}: "
+            "put ATOMFORGE_WORK_ROOT on a file system the flow and every worker mount"
+        )
     logger = get_run_logger()
     engine = get_engine(params.engine)
     logger.info("running %s on a chunk of %d structure(s)", engine.name, len(chunks[index]))

@@ -116,3 +116,40 @@ def test_local_cluster_is_the_default_and_hpc_clusters_are_configurable():
         Settings(dask_cluster_class="dask_jobqueue.PBSCluster", dask_cluster_kwargs={"cores": 2})
     )
     assert pbs.cluster_kwargs == {"cores": 2}
+
+
+@pytest.fixture
+def worker_without_the_work_root():
+    """Start a scheduler and a worker that sees an empty folder over the work root (a
+    private tmpfs mount): a worker host that does not share the flow's file system."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    work_root = Settings().resolved_work_root()
+    procs = [
+        _dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0")
+    ]
+    worker = f"mount -t tmpfs none {work_root} && exec {DASK} worker {address} --nthreads 1"
+    procs.append(subprocess.Popen(["unshare", "-m", "sh", "-c", worker], cwd=REPO))
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_a_worker_that_does_not_share_the_work_root_is_refused_before_any_engine(
+    worker_without_the_work_root,
+):
+    from ase.build import molecule
+
+    from atomforge.engines.errors import InputError
+    from atomforge.engines.structures import to_extxyz
+
+    runner = dask_task_runner(Settings(dask_address=worker_without_the_work_root))
+    on_cluster = screen.with_options(task_runner=runner)
+    params = make_parameters(engine="xtb", kind="singlepoint")
+    with pytest.raises(InputError, match="is not shared with Dask worker"):
+        asyncio.run(on_cluster(StructureSource(text=to_extxyz(molecule("H2O"))), params))

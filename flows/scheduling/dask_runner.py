@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask
-from distributed import get_worker
+from distributed import Client, get_worker
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
@@ -127,6 +130,27 @@ def cancel_slurm_jobs(flow, flow_run, state) -> None:
         slurm.cancel_recorded_jobs(settings, str(flow_run.id))
 
 
+def check_shared_work_root(client: Client, work_root: Path) -> None:
+    """Return once every Dask worker sees a file just written into ``work_root``.
+
+    The steps hand run-engine tasks paths, and claims and results live in the work
+    directories, so the workers must share the work root's file system with the flow.
+    Raises InputError naming the workers that do not.
+    """
+    probe = work_root / f".shared-{secrets.token_hex(6)}"
+    probe.touch()
+    try:
+        seen = client.run(os.path.exists, str(probe))
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = sorted(address for address, exists in seen.items() if not exists)
+    if blind:
+        raise InputError(
+            f"the work root {work_root} is not shared with Dask worker(s) {', '.join(blind)}: "
+            "put ATOMFORGE_WORK_ROOT on a file system the flow and every worker mount"
+        )
+
+
 @dataclass(frozen=True)
 class EngineSlots:
     """How many structures a run computes at once, and what each engine task asks Dask for."""
@@ -143,7 +167,8 @@ def engine_slots(task_runner: TaskRunner | None, settings: Settings, cores: int)
     so N-core structures never oversubscribe a machine. Workers that declare none run
     one task per thread, and only 1-core structures. An adaptive cluster counts its
     maximum size; a cluster with no workers yet counts ``ATOMFORGE_DASK_WORKERS``.
-    Raises InputError when no worker can ever run a ``cores``-core task.
+    Raises InputError when no worker can ever run a ``cores``-core task, or when the
+    workers of a separately started scheduler do not share the work root.
     """
     resources = {CORES: cores}
     if isinstance(task_runner, SlurmTaskRunner):
@@ -159,6 +184,8 @@ def engine_slots(task_runner: TaskRunner | None, settings: Settings, cores: int)
     workers = []
     if isinstance(task_runner, DaskTaskRunner):
         workers = list(task_runner.client.scheduler_info(n_workers=-1)["workers"].values())
+        if task_runner.address and workers:
+            check_shared_work_root(task_runner.client, settings.resolved_work_root())
     declared = [worker.get("resources", {}).get(CORES) for worker in workers]
     if workers and all(declared):
         if cores > max(declared):
