@@ -63,10 +63,11 @@ def start_server(env: dict[str, str], log: Path) -> subprocess.Popen:
         time.sleep(0.5)
 
 
-def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start a process worker on the atomforge-process pool, in the repository; return it."""
+def start_worker(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+    """Start a process worker on the atomforge-process pool, in the repository, with more
+    `prefect worker start` arguments ``args``; return it."""
     return subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", "atomforge-process"],
+        [PREFECT, "worker", "start", "--pool", "atomforge-process", *args],
         env=env,
         cwd=REPO,
         stdout=log.open("w"),
