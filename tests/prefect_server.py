@@ -1,12 +1,19 @@
-"""A real `prefect server` on loopback for end-to-end tests: start, wait, CLI, stop."""
+"""A real `prefect server` on loopback for end-to-end tests: start, wait, CLI, stop; or the
+whole service (PostgreSQL, server with auth, pool, worker) by its own command."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -94,3 +101,80 @@ def prefect_cli(env: dict[str, str], *args: str) -> str:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
+
+
+def _auth(env: dict[str, str]) -> tuple[str, str] | None:
+    """Return the basic auth of ``env``'s API, if it has one."""
+    auth = env.get("PREFECT_API_AUTH_STRING")
+    return tuple(auth.split(":", 1)) if auth else None
+
+
+def api_get(env: dict[str, str], path: str) -> dict:
+    """Return the JSON the API of ``env`` answers to GET ``path`` (with its auth)."""
+    response = httpx.get(f"{env['PREFECT_API_URL']}{path}", auth=_auth(env), timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def run_deployment_cli(env: dict[str, str], name: str, **params) -> str:
+    """Start deployment ``name`` with `prefect deployment run`; return the flow run id."""
+    args = ["deployment", "run", name]
+    for key, value in params.items():
+        args += ["--param", f"{key}={json.dumps(value)}"]
+    out = prefect_cli(env, *args)
+    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+
+def wait_final(env: dict[str, str], flow_run_id: str, timeout: float = 240) -> dict:
+    """Return the final state of a flow run once it has one (AssertionError after timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = api_get(env, f"/flow_runs/{flow_run_id}")["state"]
+        if state and state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+            return state
+        time.sleep(1)
+    state = api_get(env, f"/flow_runs/{flow_run_id}")["state"]
+    raise AssertionError(f"flow run {flow_run_id} did not finish: {state}")
+
+
+def service(env: dict[str, str], action: str) -> subprocess.CompletedProcess:
+    """Run the service command (``atomforge.deployments.service``) with ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "atomforge.deployments.service", action],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@contextmanager
+def running_service(**settings: str) -> Iterator[tuple[dict[str, str], Path]]:
+    """Bring the service (PostgreSQL, server with auth, pool, worker) up in a folder of its
+    own on free ports, with more ``ATOMFORGE_SERVICE_*`` ``settings``; yield the client
+    environment and the folder; bring it down and remove the folder."""
+    folder = Path(tempfile.mkdtemp(prefix="atomforge-service-"))
+    folder.chmod(0o755)
+    env = os.environ | {
+        "ATOMFORGE_SERVICE_DIR": str(folder / "service"),
+        "ATOMFORGE_SERVICE_PORT": str(free_port()),
+        "ATOMFORGE_SERVICE_POSTGRES_PORT": str(free_port()),
+        "ATOMFORGE_SERVICE_WORKER_HEALTH_PORT": str(free_port()),
+        "ATOMFORGE_HOME": str(folder / "atomforge"),
+        "PREFECT_HOME": str(folder / "prefect"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PWD": str(REPO),
+        **{f"ATOMFORGE_SERVICE_{key.upper()}": value for key, value in settings.items()},
+    }
+    env.pop("PREFECT_API_URL", None)
+    started = service(env, "up")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        for line in service(env, "env").stdout.splitlines():
+            key, value = line.removeprefix("export ").split("=", 1)
+            env[key] = value.strip("'")
+        yield env, folder
+    finally:
+        service(env, "down")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, water_cluster_xyz
-from tests.prefect_server import prefect_cli, server_env, start_server, start_worker, stop
-from tests.test_deployment_e2e import _run_deployment, _wait_final
+from tests.prefect_server import (
+    prefect_cli,
+    run_deployment_cli,
+    server_env,
+    start_server,
+    start_worker,
+    stop,
+    wait_final,
+)
 from tests.test_slurm import (
     SLURM_SETTINGS,
     _squeue,
@@ -69,15 +76,14 @@ def test_a_deployment_run_on_slurm_completes_and_a_cancelled_one_leaves_no_job(
     login_node, tmp_path
 ):
     env, home = login_node
-    api = env["PREFECT_API_URL"]
     molecules = REPO / "examples" / "molecules"
-    flow_run_id = _run_deployment(
+    flow_run_id = run_deployment_cli(
         env,
         "screen/screen",
         source={"path": str(molecules)},
         parameters={"engine": "xtb", "kind": "singlepoint"},
     )
-    assert _wait_final(api, flow_run_id)["type"] == "COMPLETED"
+    assert wait_final(env, flow_run_id)["type"] == "COMPLETED"
     run = json.loads((home / "results" / flow_run_id / "run.json").read_text())
     assert run["n_completed"] == len(list(molecules.glob("*.xyz")))
     _wait_until_no_jobs(timeout=30)
@@ -86,7 +92,7 @@ def test_a_deployment_run_on_slurm_completes_and_a_cancelled_one_leaves_no_job(
     clusters.mkdir()
     for i in range(2):
         (clusters / f"cluster{i}.xyz").write_text(water_cluster_xyz(3))
-    flow_run_id = _run_deployment(
+    flow_run_id = run_deployment_cli(
         env,
         "screen/screen",
         source={"path": str(clusters)},
@@ -95,7 +101,7 @@ def test_a_deployment_run_on_slurm_completes_and_a_cancelled_one_leaves_no_job(
     engines = _wait_for_engines_in_jobs()
     assert _squeue(), "the run's jobs are in the queue"
     prefect_cli(env, "flow-run", "cancel", flow_run_id)
-    assert _wait_final(api, flow_run_id, timeout=120)["type"] == "CANCELLED"
+    assert wait_final(env, flow_run_id, timeout=120)["type"] == "CANCELLED"
     _wait_until_no_jobs(timeout=30)
     deadline = time.monotonic() + 30
     while any(engine.is_running() and engine.status() != "zombie" for engine in engines):

@@ -9,8 +9,15 @@ from collections import Counter
 import pytest
 
 from tests.conftest import REPO
-from tests.prefect_server import prefect_cli, server_env, start_server, start_worker, stop
-from tests.test_deployment_e2e import _run_deployment, _wait_final
+from tests.prefect_server import (
+    prefect_cli,
+    run_deployment_cli,
+    server_env,
+    start_server,
+    start_worker,
+    stop,
+    wait_final,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +35,7 @@ def test_two_workers_share_a_work_root_and_lose_or_repeat_nothing(tmp_path):
             workers.append(start_worker(env, logs / f"{name}.log", "--name", name, "--limit", "2"))
         molecules = REPO / "examples" / "molecules"
         runs = [
-            _run_deployment(
+            run_deployment_cli(
                 env,
                 "screen/screen",
                 source={"path": str(molecules)},
@@ -37,7 +44,7 @@ def test_two_workers_share_a_work_root_and_lose_or_repeat_nothing(tmp_path):
             for _ in range(4)
         ]
         for flow_run_id in runs:
-            assert _wait_final(env["PREFECT_API_URL"], flow_run_id)["type"] == "COMPLETED"
+            assert wait_final(env, flow_run_id)["type"] == "COMPLETED"
     finally:
         for worker in workers:
             stop(worker)

@@ -1,0 +1,403 @@
+"""atomforge as a service on one Debian machine: PostgreSQL, the Prefect server on it with
+auth, the work pool with its priority queues and the deployments, and a process worker.
+
+``python -m atomforge.deployments.service up|status|down|env`` (also ``atomforge service``).
+``up`` starts what is not running, in that order, and is safe to run again; ``status``
+reports each part and exits 1 if one is down; ``down`` stops them in reverse order; ``env``
+prints the two variables a client (``prefect``, ``atomforge``, a second worker) needs.
+Everything lives in ``ATOMFORGE_SERVICE_DIR``: PostgreSQL's data folder, the generated
+passwords (mode 600), pid files and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import glob
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+POOL = "atomforge-process"
+QUEUES = {"urgent": 1, "default": 2, "batch": 3}
+"""The pool's queues and their Prefect priorities (1 is taken first): ``default`` is the
+normal priority, the queue deployments submit to unless a run names another."""
+PRIORITIES = {"urgent": "urgent", "normal": "default", "batch": "batch"}
+"""A run's priority name, as the CLI takes it, and the queue it goes to."""
+DATABASE = "prefect"
+DB_USER = "atomforge"
+START_TIMEOUT_SECONDS = 120.0
+
+
+def _default_dir() -> Path:
+    """Return the default service folder: system-wide for root (PostgreSQL runs as its own
+    user and must reach its data), else under the user's atomforge home."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/atomforge")
+    return Path(os.environ.get("ATOMFORGE_HOME", "~/.atomforge")).expanduser() / "service"
+
+
+class ServiceSettings(BaseSettings):
+    """Where the service lives and listens; each field is ``ATOMFORGE_SERVICE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ATOMFORGE_SERVICE_", extra="ignore")
+
+    dir: Path = Field(default_factory=_default_dir, description="Data, passwords, pids, logs.")
+    host: str = Field("127.0.0.1", description="Address the Prefect server listens on.")
+    port: int = Field(4200, description="Port of the Prefect server (API and UI).")
+    postgres_port: int = Field(5433, description="Port of PostgreSQL, on 127.0.0.1 only.")
+    worker_limit: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="Most flow runs at once in the pool (its concurrency limit).",
+    )
+    worker_health_port: int = Field(8080, description="Port of the worker's health check.")
+
+    @property
+    def api_url(self) -> str:
+        """Return the Prefect API's URL."""
+        return f"http://{self.host}:{self.port}/api"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the service and whether it is up, with a word on its state."""
+
+    name: str
+    up: bool
+    detail: str
+
+
+class ServiceError(RuntimeError):
+    """A part of the service could not be started."""
+
+
+def _secret(settings: ServiceSettings, name: str) -> str:
+    """Return the secret stored as ``name`` in the service folder, made on first use."""
+    path = settings.dir / name
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def auth_string(settings: ServiceSettings) -> str:
+    """Return the ``user:password`` the Prefect server requires of every client."""
+    return f"admin:{_secret(settings, 'prefect-auth')}"
+
+
+def client_env(settings: ServiceSettings) -> dict[str, str]:
+    """Return the variables a Prefect client needs to use the service."""
+    return {"PREFECT_API_URL": settings.api_url, "PREFECT_API_AUTH_STRING": auth_string(settings)}
+
+
+@contextmanager
+def api_client(settings: ServiceSettings) -> Iterator[httpx.Client]:
+    """Yield an HTTP client of the Prefect API that passes its auth and CSRF checks."""
+    token = base64.b64encode(auth_string(settings).encode()).decode()
+    auth = {"Authorization": f"Basic {token}"}
+    with httpx.Client(base_url=settings.api_url, headers=auth, timeout=30) as client:
+        client_id = secrets.token_hex(8)
+        csrf = client.get("/csrf-token", params={"client": client_id})
+        csrf.raise_for_status()
+        client.headers.update(
+            {"Prefect-Csrf-Token": csrf.json()["token"], "Prefect-Csrf-Client": client_id}
+        )
+        yield client
+
+
+def _postgres_bin(program: str) -> str:
+    """Return the path of a PostgreSQL server program from Debian's package."""
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"))
+    if not found:
+        raise ServiceError("PostgreSQL is not installed (apt-get install postgresql)")
+    return found[-1]
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """Return ``command`` run as the postgres user when we are root (PostgreSQL refuses root)."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def _pg_data(settings: ServiceSettings) -> Path:
+    return settings.dir / "postgres"
+
+
+def _postgres_running(settings: ServiceSettings) -> bool:
+    done = subprocess.run(
+        _as_postgres([_postgres_bin("pg_ctl"), "-D", str(_pg_data(settings)), "status"]),
+        capture_output=True,
+    )
+    return done.returncode == 0
+
+
+def database_url(settings: ServiceSettings) -> str:
+    """Return the Prefect server's database URL (the password from the service folder)."""
+    password = _secret(settings, "postgres-password")
+    return (
+        f"postgresql+asyncpg://{DB_USER}:{password}@127.0.0.1:{settings.postgres_port}/{DATABASE}"
+    )
+
+
+def start_postgres(settings: ServiceSettings) -> None:
+    """Initialize PostgreSQL's data folder on first use, start it on 127.0.0.1, and create
+    the Prefect database if it is missing."""
+    data = _pg_data(settings)
+    password_file = settings.dir / "postgres-password"
+    _secret(settings, "postgres-password")
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres", "postgres")
+            shutil.chown(password_file, "postgres", "postgres")
+        subprocess.run(
+            _as_postgres(
+                [
+                    *(_postgres_bin("initdb"), "-D", str(data), "-U", DB_USER),
+                    *("-A", "scram-sha-256", f"--pwfile={password_file}"),
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+    if not _postgres_running(settings):
+        options = f"-p {settings.postgres_port} -k {data} -c listen_addresses=127.0.0.1"
+        subprocess.run(
+            _as_postgres(
+                [
+                    *(_postgres_bin("pg_ctl"), "-D", str(data), "-o", options),
+                    *("-l", str(data / "postgres.log"), "-w", "start"),
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+    import psycopg
+
+    url = database_url(settings).replace("+asyncpg", "").replace(f"/{DATABASE}", "/postgres")
+    with psycopg.connect(url, autocommit=True) as connection:
+        exists = connection.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+        ).fetchone()
+        if not exists:
+            connection.execute(f"CREATE DATABASE {DATABASE}")
+
+
+def stop_postgres(settings: ServiceSettings) -> bool:
+    """Stop PostgreSQL; return True if it was running."""
+    if not _pg_data(settings).exists() or not _postgres_running(settings):
+        return False
+    subprocess.run(
+        _as_postgres(
+            [_postgres_bin("pg_ctl"), "-D", str(_pg_data(settings)), "-m", "fast", "stop"]
+        ),
+        capture_output=True,
+    )
+    return True
+
+
+def _pid(settings: ServiceSettings, name: str) -> int | None:
+    """Return the pid recorded for ``name`` if that process still runs, else None."""
+    try:
+        pid = int((settings.dir / f"{name}.pid").read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid
+
+
+def _start(settings: ServiceSettings, name: str, argv: list[str], env: dict[str, str]) -> None:
+    """Start ``argv`` detached in a session of its own, logging to ``<name>.log``."""
+    with (settings.dir / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    (settings.dir / f"{name}.pid").write_text(str(process.pid))
+
+
+def _stop(settings: ServiceSettings, name: str) -> bool:
+    """Stop the process group recorded for ``name``; return True if it was running."""
+    pid = _pid(settings, name)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _pid(settings, name) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _pid(settings, name):
+        os.killpg(pid, signal.SIGKILL)
+    (settings.dir / f"{name}.pid").unlink(missing_ok=True)
+    return True
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_for(ready: Callable[[], bool], what: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not ready():
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{what} did not start in {START_TIMEOUT_SECONDS:.0f} s: see {log}")
+        time.sleep(0.5)
+
+
+def _prefect() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def server_env(settings: ServiceSettings) -> dict[str, str]:
+    """Return the Prefect server's environment: PostgreSQL, auth, CSRF protection."""
+    return os.environ | {
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings),
+        "PREFECT_SERVER_API_AUTH_STRING": auth_string(settings),
+        "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": settings.api_url,
+        "PREFECT_API_URL": "",
+    }
+
+
+def start_server(settings: ServiceSettings) -> None:
+    """Start the Prefect server on PostgreSQL with auth, and wait until it answers."""
+    if _pid(settings, "server") is None:
+        argv = [_prefect(), "server", "start", "--host", settings.host]
+        _start(settings, "server", [*argv, "--port", str(settings.port)], server_env(settings))
+    _wait_for(
+        lambda: _healthy(f"{settings.api_url}/health"),
+        "the Prefect server",
+        settings.dir / "server.log",
+    )
+
+
+def set_up_pool(settings: ServiceSettings) -> None:
+    """Create (or update) the work pool, its limit and its priority queues, and deploy."""
+    with api_client(settings) as client:
+        pool = {"name": POOL, "type": "process", "concurrency_limit": settings.worker_limit}
+        created = client.post("/work_pools/", json=pool)
+        if created.status_code == 409:
+            limit = {"concurrency_limit": settings.worker_limit}
+            client.patch(f"/work_pools/{POOL}", json=limit).raise_for_status()
+        else:
+            created.raise_for_status()
+        for name, priority in QUEUES.items():
+            created = client.post(
+                f"/work_pools/{POOL}/queues", json={"name": name, "priority": priority}
+            )
+            if created.status_code == 409:
+                client.patch(
+                    f"/work_pools/{POOL}/queues/{name}", json={"priority": priority}
+                ).raise_for_status()
+            else:
+                created.raise_for_status()
+    env = os.environ | client_env(settings)
+    deployed = subprocess.run(
+        [_prefect(), "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, capture_output=True
+    )
+    if deployed.returncode != 0:
+        raise ServiceError(f"prefect deploy failed: {deployed.stderr.decode()[-500:]}")
+
+
+def start_worker(settings: ServiceSettings) -> None:
+    """Start a process worker on the pool with Prefect's health check, and wait for it."""
+    if _pid(settings, "worker") is None:
+        env = os.environ | client_env(settings)
+        env["PREFECT_WORKER_WEBSERVER_PORT"] = str(settings.worker_health_port)
+        argv = [_prefect(), "worker", "start", "--pool", POOL, "--with-healthcheck"]
+        _start(settings, "worker", [*argv, "--limit", str(settings.worker_limit)], env)
+    _wait_for(
+        lambda: _healthy(f"http://127.0.0.1:{settings.worker_health_port}/health"),
+        "the worker",
+        settings.dir / "worker.log",
+    )
+
+
+def up(settings: ServiceSettings) -> None:
+    """Start PostgreSQL, the server, the pool with its queues and deployments, the worker."""
+    settings.dir.mkdir(parents=True, exist_ok=True)
+    settings.dir.chmod(0o755)
+    start_postgres(settings)
+    start_server(settings)
+    set_up_pool(settings)
+    start_worker(settings)
+
+
+def down(settings: ServiceSettings) -> list[str]:
+    """Stop the worker, the server and PostgreSQL; return the names of those that ran."""
+    stopped = [name for name in ("worker", "server") if _stop(settings, name)]
+    return stopped + (["postgres"] if stop_postgres(settings) else [])
+
+
+def status(settings: ServiceSettings) -> list[Part]:
+    """Return each part of the service and whether it is up."""
+    postgres = _pg_data(settings).exists() and _postgres_running(settings)
+    parts = [Part("postgres", postgres, f"127.0.0.1:{settings.postgres_port}")]
+    server = _healthy(f"{settings.api_url}/health")
+    parts.append(Part("server", server, settings.api_url.removesuffix("/api")))
+    queues = []
+    if server:
+        with api_client(settings) as client:
+            listed = client.post(f"/work_pools/{POOL}/queues/filter", json={})
+        if listed.status_code == 200:
+            queues = sorted((q["priority"], q["name"]) for q in listed.json())
+    pool = f"{POOL}: queues " + ", ".join(f"{name} ({p})" for p, name in queues)
+    parts.append(Part("pool", bool(queues), pool if queues else f"{POOL}: not found"))
+    worker = _healthy(f"http://127.0.0.1:{settings.worker_health_port}/health")
+    parts.append(Part("worker", worker, f"health check on :{settings.worker_health_port}"))
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return its exit code."""
+    parser = argparse.ArgumentParser(
+        prog="atomforge service", description="PostgreSQL, Prefect server, pool and worker."
+    )
+    parser.add_argument("action", choices=("up", "status", "down", "env"))
+    args = parser.parse_args(argv)
+    settings = ServiceSettings()
+    if args.action == "up":
+        try:
+            up(settings)
+        except (ServiceError, subprocess.CalledProcessError, httpx.HTTPError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"up: Prefect UI at {settings.api_url.removesuffix('/api')} (user admin, password")
+        print(f"in {settings.dir / 'prefect-auth'}); clients: eval $(atomforge service env)")
+        return 0
+    if args.action == "down":
+        print("stopped: " + (", ".join(down(settings)) or "nothing was running"))
+        return 0
+    if args.action == "env":
+        for key, value in client_env(settings).items():
+            print(f"export {key}='{value}'")
+        return 0
+    parts = status(settings)
+    for part in parts:
+        print(f"{part.name:9}{'up' if part.up else 'DOWN':6}{part.detail}")
+    return 0 if all(part.up for part in parts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
