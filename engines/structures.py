@@ -48,9 +48,11 @@ def safe_name(text: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    """Return the first line of an exception's message, without ASE's module prefix."""
+    """Return the first line of an exception's message, without ASE's module prefix and
+    without what it quotes (a reader quotes the file's content, which may be a secret)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.replace("ase.io.extxyz: ", "")
+    text = re.sub(r"(['\"]).*?\1", "(...)", text.replace("ase.io.extxyz: ", ""))
+    return text[:160]
 
 
 def _read_frames(source: io.StringIO | Path, label: str, fmt: str | None) -> list[Atoms]:
@@ -58,7 +60,9 @@ def _read_frames(source: io.StringIO | Path, label: str, fmt: str | None) -> lis
     try:
         frames = read(source, index=":", format=fmt)
     except KeyError as exc:
-        raise InputError(f"{label}: unknown element {exc.args[0]!r}") from None
+        symbol = str(exc.args[0])
+        shown = repr(symbol) if re.fullmatch(r"[A-Za-z]{1,3}", symbol) else "(not a symbol)"
+        raise InputError(f"{label}: unknown element {shown}") from None
     except UnicodeDecodeError:
         raise InputError(f"{label}: not a text structure file (binary content)") from None
     except Exception as exc:

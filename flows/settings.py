@@ -105,6 +105,16 @@ class Settings(BaseSettings):
         "on when its standard error is a terminal).",
     )
     min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
+    input_roots: list[Path] | None = Field(
+        None,
+        description="Folders a run may read structure files from (JSON list); a path "
+        "outside them, also through a link, is refused before it is read. Default: the "
+        "atomforge home (with the inbox) and the process's working directory; the "
+        "atomforge command reads whatever its user names.",
+    )
+    max_input_mb: float = Field(
+        100.0, gt=0, description="Structure files larger than this (MB) are refused unread."
+    )
 
     def resolved_work_root(self) -> Path:
         """Return the absolute work root, creating it if needed."""
@@ -115,6 +125,11 @@ class Settings(BaseSettings):
     def resolved_inbox_dir(self) -> Path:
         """Return the absolute inbox folder (created by the run that uses it)."""
         return (self.inbox_dir or self.home / "inbox").expanduser().resolve()
+
+    def resolved_input_roots(self) -> list[Path]:
+        """Return the absolute folders structure files may be read from."""
+        roots = self.input_roots or [self.home, self.resolved_inbox_dir(), Path.cwd()]
+        return [root.expanduser().resolve() for root in roots]
 
     def resolved_results_root(self) -> Path:
         """Return the absolute results root, creating it if needed."""

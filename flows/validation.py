@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from atomforge.engines import get_engine
 from atomforge.engines.base import Engine
 from atomforge.engines.errors import InputError
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.structures import (
+    STRUCTURE_SUFFIXES,
     NamedStructure,
     check_electrons,
     check_geometry,
     read_structures,
 )
 from atomforge.flows.models import StructureSource
-from atomforge.flows.settings import get_settings
+from atomforge.flows.settings import Settings, get_settings
 from atomforge.flows.store.files import load_structures
 
 
@@ -40,6 +42,28 @@ def validate_structure(
         raise InputError(f"{structure.name}: {exc}") from None
 
 
+def check_input_path(path: str, settings: Settings) -> None:
+    """Raise InputError unless ``path`` (a file, or a folder's structure files) lies under
+    the input roots, links resolved, and no file is over the size limit. Nothing is read."""
+    resolved = Path(path).expanduser().resolve()
+    roots = settings.resolved_input_roots()
+    files = [resolved]
+    if resolved.is_dir():
+        files = [p.resolve() for p in resolved.iterdir() if p.suffix in STRUCTURE_SUFFIXES]
+    limit = settings.max_input_mb * 1e6
+    for file in [resolved, *files]:
+        if not any(file.is_relative_to(root) for root in roots):
+            allowed = ", ".join(str(root) for root in roots)
+            raise InputError(
+                f"{path}: outside the folders runs may read ({allowed}; ATOMFORGE_INPUT_ROOTS)"
+            )
+        if file.is_file() and file.stat().st_size > limit:
+            raise InputError(
+                f"{file}: {file.stat().st_size / 1e6:.0f} MB, over the input limit of "
+                f"{settings.max_input_mb:g} MB (ATOMFORGE_MAX_INPUT_MB)"
+            )
+
+
 def check_inputs(
     source: StructureSource, params: CalculationParameters, skip_invalid: bool = False
 ) -> ValidatedInput:
@@ -56,6 +80,8 @@ def check_inputs(
         root = get_settings().resolved_results_root()
         structures = load_structures(root, source.results)
     else:
+        if source.path is not None:
+            check_input_path(source.path, get_settings())
         unreadable = rejected if skip_invalid else None
         structures = read_structures(source.path, source.text, source.format, unreadable)
     accepted: list[NamedStructure] = []

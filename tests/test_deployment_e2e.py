@@ -105,3 +105,17 @@ def test_workflow_step_runs_as_a_run_of_its_deployment(stack, tmp_path):
     assert step_run["parent_task_run_id"] is not None
     pre_run = api_get(env, f"/flow_runs/{pre['flow_run_id']}")
     assert pre_run["deployment_id"] is None
+
+
+def test_a_deployment_parameter_cannot_read_a_system_file(stack):
+    env, _ = stack
+    flow_run_id = run_deployment_cli(
+        env,
+        "simulate/simulate",
+        source={"path": "/etc/shadow", "format": "xyz"},
+        parameters={"engine": "xtb"},
+    )
+    state = wait_final(env, flow_run_id)
+    assert state["type"] == "FAILED", state
+    assert "outside the folders runs may read" in state["message"], state["message"]
+    assert "root:" not in json.dumps(api_get(env, f"/flow_runs/{flow_run_id}"))

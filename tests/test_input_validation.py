@@ -165,3 +165,42 @@ def test_source_needs_exactly_one_of_path_and_text():
         StructureSource()
     with pytest.raises(ValidationError):
         StructureSource(path="a.xyz", text="1\n\nH 0 0 0\n")
+
+
+def _source(path: Path) -> StructureSource:
+    return StructureSource(path=str(path))
+
+
+def test_a_path_outside_the_input_roots_is_refused_unread(tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv("ATOMFORGE_INPUT_ROOTS", f'["{allowed}"]')
+    (allowed / "water.xyz").write_text("3\n\nO 0 0 0.12\nH 0 0.76 -0.48\nH 0 -0.76 -0.48\n")
+    check_inputs(_source(allowed / "water.xyz"), make_parameters(engine="emt"))
+    (allowed / "shadow.xyz").symlink_to("/etc/shadow")
+    for path in (Path("/etc/shadow"), allowed / "shadow.xyz", allowed / ".." / "allowed" / ".."):
+        with pytest.raises(InputError, match="outside the folders runs may read") as info:
+            check_inputs(_source(path), make_parameters(engine="emt"))
+        assert "root:" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1\n\nroot:$y$j9T$s3cretHash:19000:0:99999:7::: 0 0 0\n",
+        "1\n\nH 0 0 s3cretHash\n",
+        "root:$y$j9T$s3cretHash:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n",
+    ],
+)
+def test_an_unreadable_file_is_described_without_its_content(tmp_path, text):
+    with pytest.raises(InputError) as info:
+        _check(tmp_path, text)
+    assert "s3cret" not in str(info.value), str(info.value)
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATOMFORGE_MAX_INPUT_MB", "0.001")
+    big = tmp_path / "big.xyz"
+    big.write_text("2\n\nH 0 0 0\nH 0 0 0.74\n" + "#" * 2000)
+    with pytest.raises(InputError, match=r"over the input limit of 0.001 MB"):
+        check_inputs(_source(big), make_parameters(engine="emt"))
