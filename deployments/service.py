@@ -32,6 +32,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "atomforge-process"
+CORES_LIMIT = "atomforge-cores"
+"""The global concurrency limit that counts engine cores across all runs of the worker."""
 QUEUES = {"urgent": 1, "default": 2, "batch": 3}
 """The pool's queues and their Prefect priorities (1 is taken first): ``default`` is the
 normal priority, the queue deployments submit to unless a run names another."""
@@ -293,7 +295,8 @@ def start_server(settings: ServiceSettings) -> None:
 
 
 def set_up_pool(settings: ServiceSettings) -> None:
-    """Create (or update) the work pool, its limit and its priority queues, and deploy."""
+    """Create (or update) the work pool with its limit and priority queues, the limit on
+    engine cores across runs, and the deployments."""
     with api_client(settings) as client:
         pool = {"name": POOL, "type": "process", "concurrency_limit": settings.worker_limit}
         created = client.post("/work_pools/", json=pool)
@@ -302,6 +305,12 @@ def set_up_pool(settings: ServiceSettings) -> None:
             client.patch(f"/work_pools/{POOL}", json=limit).raise_for_status()
         else:
             created.raise_for_status()
+        cores = {"name": CORES_LIMIT, "limit": os.cpu_count() or 1}
+        made = client.post("/v2/concurrency_limits/", json=cores)
+        if made.status_code == 409:
+            client.patch(f"/v2/concurrency_limits/{CORES_LIMIT}", json=cores).raise_for_status()
+        else:
+            made.raise_for_status()
         for name, priority in QUEUES.items():
             created = client.post(
                 f"/work_pools/{POOL}/queues", json={"name": name, "priority": priority}
@@ -325,6 +334,7 @@ def start_worker(settings: ServiceSettings) -> None:
     if _pid(settings, "worker") is None:
         env = os.environ | client_env(settings)
         env["PREFECT_WORKER_WEBSERVER_PORT"] = str(settings.worker_health_port)
+        env.setdefault("ATOMFORGE_CORES_LIMIT", CORES_LIMIT)
         argv = [_prefect(), "worker", "start", "--pool", POOL, "--with-healthcheck"]
         _start(settings, "worker", [*argv, "--limit", str(settings.worker_limit)], env)
     _wait_for(

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         description="Draw a progress bar on the terminal (the atomforge command turns it "
         "on when its standard error is a terminal).",
     )
+    cores_limit: str | None = Field(
+        None,
+        description="Name of a Prefect global concurrency limit counting the cores engines "
+        "use across all runs on this machine (the service command creates "
+        "'atomforge-cores', as many as the machine has, and sets this for its worker): "
+        "each run-engine task holds its engine's cores' worth of slots while it runs.",
+    )
     min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
     input_roots: list[Path] | None = Field(
         None,

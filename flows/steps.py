@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 
 from atomforge.engines import get_engine
@@ -76,6 +78,13 @@ async def prepare_inputs(jobs: list[Job], params: CalculationParameters) -> list
     return jobs
 
 
+def engine_cores(cores: int) -> AbstractContextManager:
+    """Return a context that holds ``cores`` slots of the machine's cores limit
+    (``ATOMFORGE_CORES_LIMIT``), waiting for them, or does nothing when none is set."""
+    name = get_settings().cores_limit
+    return concurrency(name, occupy=cores, strict=True) if name else nullcontext()
+
+
 def _recorded(directories: Iterator[Path], ran: list[Path]) -> Iterator[Path]:
     """Yield ``directories``, adding each to ``ran`` as it is handed out."""
     for directory in directories:
@@ -120,7 +129,8 @@ def run_engine(
         max_corrections=get_settings().max_corrections,
     )
     try:
-        run_jobs(engine, _recorded(claimed, ran), params, control)
+        with engine_cores(params.cores):
+            run_jobs(engine, _recorded(claimed, ran), params, control)
     finally:
         output.flush()
     taken_over = len(set(ran) - set(chunks[index]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,3 +120,33 @@ def test_a_deployment_parameter_cannot_read_a_system_file(stack):
     assert state["type"] == "FAILED", state
     assert "outside the folders runs may read" in state["message"], state["message"]
     assert "root:" not in json.dumps(api_get(env, f"/flow_runs/{flow_run_id}"))
+
+
+def test_concurrent_runs_share_the_machine_without_oversubscribing_it(stack, tmp_path):
+    env, _ = stack
+    clusters = tmp_path / "clusters"
+    clusters.mkdir()
+    for i in range(4):
+        (clusters / f"cluster{i}.xyz").write_text(water_cluster_xyz(2, spacing=3.1 + 0.05 * i))
+    runs = [
+        run_deployment_cli(
+            env,
+            "screen/screen",
+            source={"path": str(clusters)},
+            parameters={"engine": "xtb", "kind": "optimize"},
+        )
+        for _ in range(2)
+    ]
+    most, both_running = 0, False
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        states = [api_get(env, f"/flow_runs/{run}")["state"]["type"] for run in runs]
+        both_running = both_running or states == ["RUNNING", "RUNNING"]
+        engines = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "xtb"]
+        most = max(most, len(engines))
+        if all(state in {"COMPLETED", "FAILED", "CRASHED"} for state in states):
+            break
+        time.sleep(0.1)
+    assert states == ["COMPLETED", "COMPLETED"], states
+    assert both_running, "the two runs ran at the same time"
+    assert 1 <= most <= (os.cpu_count() or 1), f"{most} xtb processes at once"
