@@ -120,9 +120,15 @@ class ProgressReporter:
             output = last_lines(log, self.tail)
             if output:
                 line += f"\nlast {len(output)} line(s) of {log}:\n" + "\n".join(output)
-            self.logger.warning(line)
+            self.logger.warning(line, extra={"structure": directory.name})
         now = time.monotonic()
         if now - self.last_update < 1.0:
             return
         self.last_update = now
-        self.logger.info("%d finished (own chunk: %d); last %s", self.finished, self.own, line)
+        self.logger.info(
+            "%d finished (own chunk: %d); last %s",
+            self.finished,
+            self.own,
+            line,
+            extra={"structure": directory.name},
+        )

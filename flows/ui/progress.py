@@ -63,6 +63,7 @@ class RunProgress:
             self.total,
             result.name,
             result.status,
+            extra={"structure": result.name},
         )
         self.updating = asyncio.ensure_future(
             aupdate_progress_artifact(self.creating.result(), self.percent())
