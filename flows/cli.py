@@ -49,6 +49,9 @@ EMBEDDED_PREFECT_DEFAULTS = {
 """Prefect settings the command sets unless the environment does: no telemetry (its
 heartbeat fails on a busy embedded database, or without a network, with a traceback),
 and time for the embedded API to start on a loaded machine (Prefect's default is 20 s)."""
+COMMAND_INPUT_ROOTS = '["/"]'
+"""The command reads whatever structure file its user names (it runs as that user); the
+input roots guard the runs that deployments and the inbox start."""
 
 
 def _option(text: str) -> tuple[str, str | int | float | bool]:
@@ -436,6 +439,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    """Start, report on or stop the service (PostgreSQL, Prefect server, pool, worker)."""
+    from atomforge.deployments.service import main as service_main
+
+    return service_main([args.action])
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a run of a deployment at a priority; return the exit code."""
+    from atomforge.deployments.submit import submit_command
+
+    try:
+        return submit_command(args.deployment, args.priority, args.param, args.wait)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def cmd_job_script(args: argparse.Namespace) -> int:
+    """Print the SLURM job script a run would submit with the current settings."""
+    from atomforge.flows.scheduling.slurm import job_script
+
+    print(job_script(get_settings()), end="")
+    return 0
+
+
 def _version() -> str:
     """Return the installed atomforge version."""
     from importlib.metadata import PackageNotFoundError, version
@@ -523,6 +551,37 @@ def build_parser() -> argparse.ArgumentParser:
     engines.set_defaults(func=cmd_engines)
     demo = sub.add_parser("demo", help="water optimization + small screening, printed")
     demo.set_defaults(func=cmd_demo)
+    service = sub.add_parser(
+        "service", help="PostgreSQL, Prefect server with auth, pool and queues, worker"
+    )
+    service.add_argument(
+        "action",
+        choices=["up", "status", "down", "env"],
+        help="start what is not running, report each part, stop all, or print client settings",
+    )
+    service.set_defaults(func=cmd_service)
+    submit = sub.add_parser("submit", help="submit a run of a deployment at a priority")
+    submit.add_argument("deployment", help="flow/deployment name, e.g. simulate/simulate")
+    submit.add_argument(
+        "--priority",
+        default="normal",
+        choices=["urgent", "normal", "batch"],
+        help="the queue it waits in: urgent runs start first, batch runs last (%(default)s)",
+    )
+    submit.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        help='a parameter as key=JSON, e.g. parameters=\'{"engine": "xtb"}\' (repeatable)',
+    )
+    submit.add_argument(
+        "--wait", action="store_true", help="wait for the run; exit 1 unless it completed"
+    )
+    submit.set_defaults(func=cmd_submit)
+    job = sub.add_parser(
+        "job-script", help="print the SLURM job script runs submit (ATOMFORGE_SLURM_*)"
+    )
+    job.set_defaults(func=cmd_job_script)
     return parser
 
 
@@ -532,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     if sys.stderr.isatty():
         os.environ.setdefault("ATOMFORGE_TERMINAL_PROGRESS", "true")
+    os.environ.setdefault("ATOMFORGE_INPUT_ROOTS", COMMAND_INPUT_ROOTS)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

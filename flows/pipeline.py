@@ -263,7 +263,7 @@ async def run_structures(
             await retrying(prepare_inputs)([job for chunk in chunks for job in chunk], params)
             directories = [[job.directory for job in chunk] for chunk in chunks]
             with dask.annotate(resources=slots.resources) if slots.resources else nullcontext():
-                run_chunk = retrying(run_engine)
+                run_chunk = retrying(run_engine).with_options(tags={params.engine})
                 engine_runs = [
                     run_chunk.submit(directories, index, params, run)
                     for index in range(len(chunks))

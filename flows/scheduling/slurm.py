@@ -25,10 +25,16 @@ from atomforge.flows.settings import Settings
 
 SLURM_CLUSTER_CLASS = "dask_jobqueue.SLURMCluster"
 JOB_NAME_PREFIX = "atomforge-"
-NOT_EXPORTED = ("ATOMFORGE_INDEX_URL", "ATOMFORGE_DASK_", "ATOMFORGE_SLURM_")
-"""Settings a job script leaves out: a database URL may hold a password, and a worker
-starts no cluster (each task rebuilds its flow's runner there, which would import the
-cluster class again)."""
+NOT_EXPORTED = (
+    "ATOMFORGE_INDEX_URL",
+    "ATOMFORGE_DASK_",
+    "ATOMFORGE_SLURM_",
+    "ATOMFORGE_INPUT_ROOTS",
+    "ATOMFORGE_TERMINAL_PROGRESS",
+)
+"""Settings a job script leaves out: a database URL may hold a password; a worker starts
+no cluster (each task rebuilds its flow's runner there, which would import the cluster
+class again), reads no input file and draws no progress bar."""
 
 
 class SlurmSettings(BaseSettings):
