@@ -141,6 +141,8 @@ class StructureResult(BaseModel):
     )
     properties: dict[str, Any] = Field(default_factory=dict)
     wall_seconds: float = 0.0
+    host: str | None = Field(None, description="The machine the engine ran on.")
+    batch_job: str | None = Field(None, description="The SLURM job it ran in, if any.")
     workdir: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 

@@ -21,7 +21,7 @@ from atomforge.flows.models import StructureSource, make_parameters
 from atomforge.flows.scheduling.slurm import job_script
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import Settings
-from atomforge.flows.store.files import load_run
+from atomforge.flows.store.files import load_run, query_results
 from tests.conftest import REPO, water_cluster_xyz
 
 pytestmark = pytest.mark.slurm
@@ -148,6 +148,10 @@ def test_a_screen_on_slurm_gives_the_local_results_from_inside_slurm_jobs(on_slu
     ]
     jobs = {status.batch_job for status in _statuses(on_cluster.flow_run_id).values()}
     assert None not in jobs and len(jobs) >= 1, jobs
+    documents = query_results(
+        Settings().resolved_results_root(), flow_run_id=on_cluster.flow_run_id
+    )
+    assert {document.batch_job for document in documents} == jobs
     assert {status.batch_job for status in _statuses(local.flow_run_id).values()} == {None}
     logs = Settings().resolved_work_root() / "slurm"
     assert list(logs.glob("atomforge-*.err")), "each job keeps its output in <work root>/slurm"

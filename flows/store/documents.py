@@ -42,6 +42,8 @@ def make_result(
         n_atoms=len(job.atoms),
         input_structure=job.input_extxyz,
         wall_seconds=status.wall_seconds,
+        host=status.host,
+        batch_job=status.batch_job,
         workdir=str(job.directory),
         input_key=job.input_key,
         parent_id=job.parent_id,
