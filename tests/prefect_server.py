@@ -149,11 +149,10 @@ def service(env: dict[str, str], action: str) -> subprocess.CompletedProcess:
     )
 
 
-@contextmanager
-def running_service(**settings: str) -> Iterator[tuple[dict[str, str], Path]]:
-    """Bring the service (PostgreSQL, server with auth, pool, worker) up in a folder of its
-    own on free ports, with more ``ATOMFORGE_SERVICE_*`` ``settings``; yield the client
-    environment and the folder; bring it down and remove the folder."""
+def service_folder(**settings: str) -> tuple[Path, dict[str, str]]:
+    """Return a new folder (readable by PostgreSQL's user) for a service and the
+    environment that puts it there on free ports, with more ``ATOMFORGE_SERVICE_*``
+    ``settings``."""
     folder = Path(tempfile.mkdtemp(prefix="atomforge-service-"))
     folder.chmod(0o755)
     env = os.environ | {
@@ -168,6 +167,15 @@ def running_service(**settings: str) -> Iterator[tuple[dict[str, str], Path]]:
         **{f"ATOMFORGE_SERVICE_{key.upper()}": value for key, value in settings.items()},
     }
     env.pop("PREFECT_API_URL", None)
+    return folder, env
+
+
+@contextmanager
+def running_service(**settings: str) -> Iterator[tuple[dict[str, str], Path]]:
+    """Bring the service (PostgreSQL, server with auth, pool, worker) up in a folder of its
+    own on free ports, with more ``ATOMFORGE_SERVICE_*`` ``settings``; yield the client
+    environment and the folder; bring it down and remove the folder."""
+    folder, env = service_folder(**settings)
     started = service(env, "up")
     try:
         assert started.returncode == 0, started.stdout + started.stderr

@@ -7,7 +7,8 @@ import os
 import socket
 import subprocess
 import sys
-import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,36 +40,38 @@ def _dask(*args: str) -> subprocess.Popen:
     )
 
 
-@pytest.fixture
-def scheduler_address():
-    """Start a Dask scheduler and two worker processes; return the scheduler address."""
+@contextmanager
+def dask_cluster(start_workers: Callable[[str], subprocess.Popen], n_workers: int):
+    """Start a `dask scheduler` on loopback and the workers ``start_workers(address)``
+    starts; yield the address once ``n_workers`` joined; stop them all."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [
         _dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0")
     ]
     try:
-        time.sleep(2)
-        procs.append(
-            _dask(
-                "worker",
-                address,
-                "--nworkers",
-                "2",
-                "--nthreads",
-                "1",
-                "--name",
-                "loopback-worker",
-                "--no-dashboard",
-            )
-        )
+        procs.append(start_workers(address))
         with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
+            client.wait_for_workers(n_workers, timeout=60)
         yield address
     finally:
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=30)
+
+
+@pytest.fixture
+def scheduler_address():
+    """Start a Dask scheduler and two worker processes; return the scheduler address."""
+
+    def two_workers(address: str) -> subprocess.Popen:
+        return _dask(
+            *("worker", address, "--nworkers", "2", "--nthreads", "1"),
+            *("--name", "loopback-worker", "--no-dashboard"),
+        )
+
+    with dask_cluster(two_workers, 2) as address:
+        yield address
 
 
 def test_screen_runs_on_an_existing_dask_scheduler(scheduler_address):
@@ -122,22 +125,14 @@ def test_local_cluster_is_the_default_and_hpc_clusters_are_configurable():
 def worker_without_the_work_root():
     """Start a scheduler and a worker that sees an empty folder over the work root (a
     private tmpfs mount): a worker host that does not share the flow's file system."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     work_root = Settings().resolved_work_root()
-    procs = [
-        _dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0")
-    ]
-    worker = f"mount -t tmpfs none {work_root} && exec {DASK} worker {address} --nthreads 1"
-    procs.append(subprocess.Popen(["unshare", "-m", "sh", "-c", worker], cwd=REPO))
-    try:
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(1, timeout=60)
+
+    def blind_worker(address: str) -> subprocess.Popen:
+        worker = f"mount -t tmpfs none {work_root} && exec {DASK} worker {address} --nthreads 1"
+        return subprocess.Popen(["unshare", "-m", "sh", "-c", worker], cwd=REPO)
+
+    with dask_cluster(blind_worker, 1) as address:
         yield address
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 def test_a_worker_that_does_not_share_the_work_root_is_refused_before_any_engine(

@@ -3,17 +3,14 @@ at a priority, a deployment run, service down."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.prefect_server import free_port, service
+from tests.prefect_server import service, service_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -25,17 +22,7 @@ def _service_example() -> str:
 
 
 def test_the_readme_production_block_runs_as_it_stands():
-    folder = Path(tempfile.mkdtemp(prefix="atomforge-service-readme-"))
-    folder.chmod(0o755)
-    env = os.environ | {
-        "ATOMFORGE_SERVICE_DIR": str(folder / "service"),
-        "ATOMFORGE_SERVICE_PORT": str(free_port()),
-        "ATOMFORGE_SERVICE_POSTGRES_PORT": str(free_port()),
-        "ATOMFORGE_SERVICE_WORKER_HEALTH_PORT": str(free_port()),
-        "ATOMFORGE_HOME": str(folder / "atomforge"),
-        "PREFECT_HOME": str(folder / "prefect"),
-    }
-    env.pop("PREFECT_API_URL", None)
+    folder, env = service_folder()
     try:
         done = subprocess.run(
             ["bash", "-c", "set -euo pipefail\n" + _service_example()],
