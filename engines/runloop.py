@@ -4,7 +4,8 @@ An engine only says what to write, how to launch and how to read (:mod:`.base`);
 module owns what every engine shares, so they all have the same crash semantics:
 
 - a directory that already completed is skipped (a retried task resumes);
-- a stop file stops the loop, and a running process is killed with its whole tree;
+- a stop file stops the loop, and a running process is killed with its whole tree (a
+  process killed once the stop file is there ends as ``stopped``, not ``crashed``);
 - a process killed from outside ends as ``crashed``, which is retryable;
 - a finished job is diagnosed; a problem that one of the engine's handlers fixes is
   corrected and the job runs again, at most ``max_corrections`` times; every correction
@@ -98,7 +99,7 @@ def _run_each(
         attempt = _Attempt(directory, params)
         while True:
             outcome = _launch(engine, [directory], attempt.params, control, directory)
-            status = status_from_exit(outcome, directory / engine.log_name)
+            status = _told_to_stop(status_from_exit(outcome, directory / engine.log_name), control)
             attempt.wall_seconds += outcome.wall_seconds
             if not _retry_corrected(engine, attempt, status, control.max_corrections):
                 break
@@ -159,7 +160,7 @@ def _batch_round(
     params = attempts[0].params
     outcome = _launch(engine, directories, params, control, directories[0].parent, on_report)
     for directory in list(waiting):
-        settle(directory, _unfinished(outcome))
+        settle(directory, _told_to_stop(_unfinished(outcome), control))
     return rerun
 
 
@@ -271,6 +272,14 @@ def _finish(attempt: _Attempt, status: JobStatus, control: RunControl) -> None:
     status.wall_seconds = attempt.wall_seconds
     status.write(attempt.directory)
     control.on_done(attempt.directory, status)
+
+
+def _told_to_stop(status: JobStatus, control: RunControl) -> JobStatus:
+    """Return ``status``, as ``stopped`` if the process was killed after the run was told
+    to stop (a hook kills the recorded engines right after it writes the stop file)."""
+    if status.status is Status.crashed and control.stop_file.exists():
+        return JobStatus(Status.stopped, "run was stopped", status.wall_seconds, status.returncode)
+    return status
 
 
 def _already_completed(directory: Path) -> bool:

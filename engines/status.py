@@ -27,6 +27,7 @@ class Status(str, Enum):
     crashed = "crashed"
     timeout = "timeout"
     stopped = "stopped"
+    not_started = "not-started"
     invalid = "invalid"
 
     def __str__(self) -> str:

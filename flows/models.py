@@ -79,6 +79,14 @@ class RunOptions(BaseModel):
         "engine and version, parameters) instead of computing it again; default: "
         "ATOMFORGE_REUSE (true).",
     )
+    max_failed_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Screen: end Failed when more than this fraction of the structures it "
+        "computed did not complete (invalid ones skipped with skip_invalid do not count); "
+        "default: ATOMFORGE_MAX_FAILED_FRACTION (0.5).",
+    )
 
     @field_validator("run_dir")
     @classmethod

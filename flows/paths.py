@@ -29,6 +29,12 @@ class RunPaths:
         """Return the file whose existence tells every engine of this run to stop."""
         return self.control_dir / "stop"
 
+    @property
+    def plan_file(self) -> Path:
+        """Return the file listing the run's structures (as ``not-started`` documents),
+        written before any engine starts: what a hook or a retry settles or resumes."""
+        return self.control_dir / "plan.json"
+
 
 def writable_roots(settings: Settings) -> tuple[Path, Path]:
     """Return the work and results roots, made if needed; raise InputError (one line)

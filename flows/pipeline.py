@@ -8,28 +8,35 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import dask
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
+from prefect.states import Completed, Failed, State
 
 from atomforge.engines import get_engine
 from atomforge.engines.errors import AtomforgeError, InputError
 from atomforge.engines.parameters import CalculationParameters
-from atomforge.engines.status import JobStatus, Status
-from atomforge.flows.hooks import stop_run_engines
+from atomforge.engines.status import RUNNER_STATUS_FILE, STATUS_FILE, JobStatus, Status
+from atomforge.flows.hooks import begin_attempt, record_ending, stop_run_engines
 from atomforge.flows.jobs import Job, RunContext, engine_owner, plan_jobs
-from atomforge.flows.models import RunOptions, RunSummary, StructureResult, StructureSource
-from atomforge.flows.paths import run_paths
+from atomforge.flows.models import (
+    RunOptions,
+    RunSummary,
+    StructureResult,
+    StructureSource,
+)
+from atomforge.flows.paths import RunPaths, run_paths, writable_roots
 from atomforge.flows.retry import retrying
 from atomforge.flows.scheduling.chunking import balanced_chunks, estimated_cost, n_chunks
 from atomforge.flows.scheduling.claims import claim_owner
 from atomforge.flows.scheduling.dask_runner import engine_slots
-from atomforge.flows.settings import KeepWorkdir, get_settings
+from atomforge.flows.settings import KeepWorkdir, Settings, get_settings
 from atomforge.flows.steps import parse_results, prepare_inputs, run_engine, validate
-from atomforge.flows.store.documents import make_result, reused_result
-from atomforge.flows.store.files import load_result, save_result, save_run
+from atomforge.flows.store.documents import make_result, parse_job, planned_result, reused_result
+from atomforge.flows.store.files import load_plan, load_result, save_plan, save_result, save_run
 from atomforge.flows.store.index import find_completed
 from atomforge.flows.store.keys import input_key
 from atomforge.flows.ui import artifacts
@@ -95,17 +102,56 @@ async def _follow(
     return results
 
 
+def _resume(
+    jobs: list[Job],
+    previous: dict[str, StructureResult],
+    params: CalculationParameters,
+    run: RunContext,
+) -> tuple[list[StructureResult], list[Job]]:
+    """Return the results an earlier attempt of this flow run finished and the jobs still
+    to compute (a retry computes only what has no completed result).
+
+    A job the earlier attempt planned with the same input key keeps its completed
+    document, or, if it finished but was never parsed, is parsed from its folder. Any
+    other job's folder loses the status an earlier run left there, so it runs again.
+    """
+    engine = get_engine(params.engine)
+    resumed, to_compute = [], []
+    for job in jobs:
+        before = previous.get(job.directory.name)
+        if before is not None and before.input_key == job.input_key:
+            stored = load_result(run.results_root, run.flow_run_id, before.id)
+            if stored is not None and stored.ok and stored.input_key == job.input_key:
+                resumed.append(stored)
+                continue
+            status = _status_in(job.directory)
+            if status is not None and status.completed:
+                result = parse_job(job, status, params, run, engine)
+                if result.ok:
+                    resumed.append(result)
+                    continue
+        for name in (STATUS_FILE, RUNNER_STATUS_FILE):
+            (job.directory / name).unlink(missing_ok=True)
+        to_compute.append(job)
+    return resumed, to_compute
+
+
+def _status_in(directory: Path) -> JobStatus | None:
+    """Return the status stored in ``directory``, or None if none can be read."""
+    try:
+        return JobStatus.read(directory)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def _reuse_stored(
-    jobs: list[Job], params: CalculationParameters, run: RunContext, reuse: bool
+    jobs: list[Job], run: RunContext, reuse: bool
 ) -> tuple[list[StructureResult], list[Job]]:
     """Return the results reused from the store and the jobs still to compute.
 
-    Each job gets its input key; with ``reuse``, a job whose key has a stored completed
-    result gets a document made from it (one index look-up for the whole run).
+    With ``reuse``, a job whose input key has a stored completed result gets a document
+    made from it (one index look-up for the whole run).
     """
-    version = get_engine(params.engine).version()
-    for job in jobs:
-        job.input_key = input_key(job.atoms, params, version)
     if not reuse:
         return [], jobs
     found = find_completed(run.results_root, [job.input_key for job in jobs])
@@ -118,6 +164,49 @@ def _reuse_stored(
         else:
             reused.append(reused_result(job, run, stored))
     return reused, to_compute
+
+
+def _plan(
+    jobs: list[Job], params: CalculationParameters, run: RunContext
+) -> dict[str, StructureResult]:
+    """Give each job its input key and store the run's plan (each job's ``not-started``
+    document); return the plan an earlier attempt of this flow run stored, by id."""
+    engine = get_engine(params.engine)
+    version = engine.version()
+    for job in jobs:
+        job.input_key = input_key(job.atoms, params, version)
+    previous = {result.id: result for result in load_plan(run.paths.plan_file)}
+    save_plan(run.paths.plan_file, [planned_result(job, params, run, engine) for job in jobs])
+    return previous
+
+
+def verdict(results: list[StructureResult], max_failed_fraction: float) -> tuple[bool, str]:
+    """Return whether a run of ``results`` succeeded, and a message with the counts.
+
+    It fails when more than ``max_failed_fraction`` of its structures did not complete
+    (failed, timed out, crashed, stopped, not started), or when it had none to compute.
+    Invalid structures skipped with ``skip_invalid`` count neither way: they are reported,
+    and the fraction is of the structures that were computed (or reused).
+    """
+    invalid = sum(result.status is Status.invalid for result in results)
+    computed = len(results) - invalid
+    completed = sum(result.ok for result in results)
+    failed = computed - completed
+    skipped = f", {invalid} invalid skipped" if invalid else ""
+    message = f"{completed} of {computed} completed, {failed} failed{skipped}"
+    if computed == 0:
+        return False, f"no structure to compute{skipped}"
+    if failed > max_failed_fraction * computed:
+        limit = f"more than max_failed_fraction {max_failed_fraction:g} allows"
+        return False, f"{failed} of {computed} failed, {limit} ({completed} completed{skipped})"
+    return True, message
+
+
+def max_failed_fraction(options: RunOptions, settings: Settings) -> float:
+    """Return the failure fraction a run tolerates: its options', else the setting's."""
+    if options.max_failed_fraction is not None:
+        return options.max_failed_fraction
+    return settings.max_failed_fraction
 
 
 def _describe(exc: BaseException) -> str:
@@ -149,11 +238,19 @@ def _clean_workdirs(
 
 @dataclass
 class RunOutcome:
-    """The results of a run (input order), where they are stored, and its progress bar."""
+    """The results of a run (input order), where they are stored, its progress bar, and
+    its verdict: whether it succeeded (see :func:`verdict`) and a message with the counts."""
 
     results: list[StructureResult]
     results_dir: Path
     progress: RunProgress
+    ok: bool = True
+    message: str = ""
+
+    def final_state(self, data: Any) -> State:
+        """Return the flow's final state, carrying ``data``: Completed, or Failed when more
+        structures failed than the run tolerates; either way with the counts as message."""
+        return (Completed if self.ok else Failed)(message=self.message, data=data)
 
     async def publish(
         self,
@@ -195,12 +292,17 @@ async def run_structures(
     structure's result and a run summary are stored as JSON as soon as they are known; a
     failed chunk yields ``failed`` results, not a crash. A ``single`` run refuses a
     source of more than one structure before any engine starts.
+
+    A results or work folder that cannot be written fails the run before anything runs.
+    A new attempt of the same flow run (a retry) clears the stop file its predecessor's
+    hook left and computes only the structures without a completed result. However the
+    run ends, ``run.json`` says how, and every structure has a document.
     """
     settings = get_settings()
     context = FlowRunContext.get()
     flow_run_id = str(context.flow_run.id)
     flow_name = context.flow.name
-    results_root = settings.resolved_results_root()
+    _, results_root = writable_roots(settings)
     paths = run_paths(settings, flow_run_id, options.run_dir)
     summary = RunSummary(
         flow_run_id=flow_run_id,
@@ -214,7 +316,22 @@ async def run_structures(
         workflow_run_id=lineage.workflow_run_id if lineage else None,
         step=lineage.step if lineage else None,
     )
-    save_run(results_root, summary)
+    try:
+        save_run(results_root, summary)
+    except OSError as exc:
+        folder = results_root / flow_run_id
+        raise InputError(f"results folder {folder}: cannot be written: {exc.strerror}") from None
+    run = RunContext(
+        flow_run_id,
+        flow_name,
+        paths,
+        results_root,
+        lineage.workflow_run_id if lineage else None,
+        lineage.step if lineage else None,
+    )
+    if begin_attempt(paths):
+        get_run_logger().warning("killed engines an earlier attempt of this run left running")
+    tolerance = 0.0 if single else max_failed_fraction(options, settings)
     progress = RunProgress(flow_name, title, get_run_logger())
     links = asyncio.ensure_future(
         artifacts.publish_files(
@@ -233,17 +350,19 @@ async def run_structures(
         slots = engine_slots(context.task_runner, settings, params.cores)
         planned = plan_jobs(validated.structures, 0, paths)
         progress.total = len(planned)
-        run = RunContext(
-            flow_run_id,
-            flow_name,
-            paths,
-            results_root,
-            lineage.workflow_run_id if lineage else None,
-            lineage.step if lineage else None,
+        rejected = plan_jobs(
+            [structure for structure, _ in validated.rejected], len(planned), paths
         )
+        invalid = [
+            result
+            for job, (_, message) in zip(rejected, validated.rejected)
+            for result in _unrun_results([job], params, run, JobStatus(Status.invalid, message))
+        ]
+        previous = _plan(planned, params, run)
+        resumed, jobs = _resume(planned, previous, params, run)
         reuse = settings.reuse if options.reuse is None else options.reuse
-        reused, jobs = _reuse_stored(planned, params, run, reuse)
-        for result in reused:
+        reused, jobs = _reuse_stored(jobs, run, reuse)
+        for result in resumed + reused:
             progress.advance(result)
         chunks = balanced_chunks(
             jobs,
@@ -251,14 +370,16 @@ async def run_structures(
             n_chunks(len(jobs), slots.slots, options.chunk_size or settings.chunk_size),
         )
         get_run_logger().info(
-            "%d structure(s) to compute in %d chunk(s), %d at a time, %d reused; work dir %s",
+            "%d structure(s) to compute in %d chunk(s), %d at a time, %d reused, "
+            "%d done by an earlier attempt; work dir %s",
             len(jobs),
             len(chunks),
             slots.slots,
             len(reused),
+            len(resumed),
             paths.work_dir,
         )
-        results = list(reused)
+        results = resumed + reused
         if jobs:
             await retrying(prepare_inputs)([job for chunk in chunks for job in chunk], params)
             directories = [[job.directory for job in chunk] for chunk in chunks]
@@ -270,31 +391,39 @@ async def run_structures(
                 ]
             results += await _follow(engine_runs, chunks, params, run, progress)
         results.sort(key=lambda result: result.index)
-        rejected = plan_jobs(
-            [structure for structure, _ in validated.rejected], len(planned), paths
-        )
-        for job, (_, message) in zip(rejected, validated.rejected):
-            results.extend(_unrun_results([job], params, run, JobStatus(Status.invalid, message)))
+        results.extend(invalid)
         for result in _clean_workdirs(results, paths.work_dir, settings.keep_workdir):
             save_result(results_root, result)
         await links
     except AtomforgeError as exc:
-        summary.state, summary.message = "Failed", str(exc)
-        summary.finished_at = datetime.now(timezone.utc)
-        save_run(results_root, summary)
+        _record_ending(summary, results_root, paths, "Failed", str(exc))
         progress.close_terminal()
         await asyncio.gather(progress.creating, links, return_exceptions=True)
         raise
-    except BaseException:
+    except BaseException as exc:
         progress.cancel()
         links.cancel()
         stop_run_engines(paths)
+        ending = "Cancelled" if isinstance(exc, asyncio.CancelledError) else "Crashed"
+        _record_ending(summary, results_root, paths, ending, _describe(exc))
         raise
+    ok, message = verdict(results, tolerance)
     summary.n_structures = len(results)
     summary.n_completed = sum(r.ok for r in results)
     summary.result_ids = [r.id for r in results]
-    summary.state = "Completed" if summary.n_completed == len(results) else "Failed"
-    summary.message = f"{summary.n_completed} of {len(results)} completed"
+    summary.state = "Completed" if ok else "Failed"
+    summary.message = message
     summary.finished_at = datetime.now(timezone.utc)
     save_run(results_root, summary)
-    return RunOutcome(results, results_root / flow_run_id, progress)
+    return RunOutcome(results, results_root / flow_run_id, progress, ok, message)
+
+
+def _record_ending(
+    summary: RunSummary, results_root: Path, paths: RunPaths, state: str, message: str
+) -> None:
+    """Record a run that ended early (see :func:`record_ending`); never raise: the reason
+    it ended is what the caller raises next."""
+    try:
+        record_ending(summary, results_root, paths, state, message)
+    except Exception:  # the log says; the run's own error goes on
+        get_run_logger().exception("cannot record how the run ended")

@@ -45,6 +45,11 @@ async def screen(
 ) -> ScreenReport:
     """Compute every structure of ``source`` and return them ranked by ``rank_by``.
 
+    The run's state message counts the completed and failed structures. The run ends
+    Failed, still carrying its report, when more than ``options.max_failed_fraction``
+    (default ``ATOMFORGE_MAX_FAILED_FRACTION``, 0.5) of the structures it computed did not
+    complete; invalid structures skipped with ``skip_invalid`` count neither way.
+
     Args:
         source: The structures: a folder of structure files, a multi-frame file, inline
             text, or stored results (give exactly one).
@@ -58,10 +63,11 @@ async def screen(
     outcome = await run_structures(source, parameters.resolve(), options, title)
     ranked = rank(outcome.results, rank_by)
     await outcome.publish("screen", title, ranked, RANK_FIELDS[rank_by])
-    return ScreenReport(
+    report = ScreenReport(
         flow_run_id=ranked[0].flow_run_id if ranked else "",
         rank_by=rank_by,
         n_structures=len(ranked),
         n_completed=sum(r.ok for r in ranked),
         results=[RankedStructure.of(result) for result in ranked],
     )
+    return outcome.final_state(report)

@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         description="Draw a progress bar on the terminal (the atomforge command turns it "
         "on when its standard error is a terminal).",
     )
+    max_failed_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A screen whose structures that did not complete are more than this "
+        "fraction of those it computed ends Failed (its state message counts completed "
+        "and failed either way; a run's options.max_failed_fraction wins); invalid "
+        "structures set aside with skip_invalid do not count.",
+    )
     cores_limit: str | None = Field(
         None,
         description="Name of a Prefect global concurrency limit counting the cores engines "

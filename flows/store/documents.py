@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 from ase.units import GPa, Hartree
@@ -11,10 +12,15 @@ from atomforge.engines import get_engine
 from atomforge.engines.base import Engine, EngineResults
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.status import JobStatus, Status
-from atomforge.engines.structures import to_extxyz
+from atomforge.engines.structures import read_structure_text, to_extxyz
 from atomforge.flows.jobs import Job, RunContext
 from atomforge.flows.models import StructureResult
-from atomforge.flows.store.files import save_result
+from atomforge.flows.paths import RunPaths
+from atomforge.flows.scheduling.claims import CLAIM_FILE
+from atomforge.flows.store.files import load_plan, load_result, save_result
+
+NOT_STARTED = "the run ended before this structure started"
+STOPPED = "the run ended while this structure was running"
 
 
 def make_result(
@@ -126,5 +132,75 @@ def parse_job(
                 result.message = f"{engine.name} finished but returned {problem}"
             else:
                 fill_outputs(result, out)
+    save_result(run.results_root, result)
+    return result
+
+
+def planned_result(
+    job: Job, params: CalculationParameters, run: RunContext, engine: Engine
+) -> StructureResult:
+    """Return the document of ``job`` as it stands before it starts: ``not-started``."""
+    result = make_result(job, params, run, JobStatus(Status.not_started, NOT_STARTED), engine)
+    result.workdir = None
+    return result
+
+
+def planned_job(result: StructureResult, work_dir: Path) -> Job:
+    """Return the job a planned document stands for, in its folder under ``work_dir``."""
+    atoms = read_structure_text(result.input_structure, "extxyz", result.name)[0].atoms
+    job = Job(
+        result.index, result.name, atoms, work_dir / result.id, result.input_key, result.parent_id
+    )
+    job.__dict__["input_extxyz"] = result.input_structure
+    return job
+
+
+def settle_unfinished(
+    paths: RunPaths, run: RunContext, params: CalculationParameters | None
+) -> list[StructureResult]:
+    """Store a document for each planned structure of a run that ended without one; return
+    every planned structure's document.
+
+    A structure whose folder says it completed is parsed (given ``params``), so finished
+    work is not lost; one that ended otherwise keeps what its folder says; one an engine
+    had claimed is ``stopped``; the rest are ``not-started``.
+    """
+    settled = []
+    for planned in load_plan(paths.plan_file):
+        stored = load_result(run.results_root, run.flow_run_id, planned.id)
+        if stored is not None and stored.status is not Status.not_started:
+            settled.append(stored)
+        else:
+            settled.append(_settle(planned, paths.work_dir, run, params))
+    return settled
+
+
+def _settle(
+    planned: StructureResult,
+    work_dir: Path,
+    run: RunContext,
+    params: CalculationParameters | None,
+) -> StructureResult:
+    """Return (and store) the document of a planned structure from what its folder holds."""
+    directory = work_dir / planned.id
+    try:
+        status = JobStatus.read(directory)
+    except (OSError, ValueError, TypeError):
+        status = None
+    if status is not None and status.completed and params is not None:
+        try:
+            job = planned_job(planned, work_dir)
+            return parse_job(job, status, params, run, get_engine(params.engine))
+        except Exception:  # settling must go on; the structure is stopped
+            status = None
+    if status is not None and not status.completed:
+        update = {"status": status.status, "message": status.message}
+    elif status is not None or (directory / CLAIM_FILE).exists():
+        update = {"status": Status.stopped, "message": STOPPED}
+    else:
+        update = {"status": Status.not_started, "message": NOT_STARTED}
+    if directory.is_dir():
+        update["workdir"] = str(directory)
+    result = planned.model_copy(update=update | {"created_at": datetime.now(timezone.utc)})
     save_result(run.results_root, result)
     return result

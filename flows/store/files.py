@@ -54,6 +54,25 @@ def load_result(root: Path, flow_run_id: str, result_id: str) -> StructureResult
         return None
 
 
+class RunPlan(BaseModel):
+    """The structures of a run, each as the document it gets if it never starts."""
+
+    results: list[StructureResult]
+
+
+def save_plan(path: Path, results: list[StructureResult]) -> Path:
+    """Store the plan of a run (its ``not-started`` documents) at ``path``; return it."""
+    return write_json(path, RunPlan(results=results))
+
+
+def load_plan(path: Path) -> list[StructureResult]:
+    """Return the documents of a stored run plan, or none if there is none (or unreadable)."""
+    try:
+        return RunPlan.model_validate_json(path.read_text()).results
+    except (OSError, ValidationError):
+        return []
+
+
 def save_run(root: Path, summary: RunSummary) -> Path:
     """Store a run's summary; return its path."""
     return write_json(root / summary.flow_run_id / RUN_FILE, summary)
