@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,18 @@ import psutil
 
 POLL_SECONDS = 0.1
 KILL_GRACE_SECONDS = 3.0
+
+
+@functools.cache
+def _dies_with_owner() -> tuple[str, ...]:
+    """Return the command prefix that makes a process get SIGKILL when the thread that
+    started it dies (``setpriv --pdeathsig``, util-linux), or nothing where there is none.
+
+    Engines run in sessions of their own, so that their whole tree can be killed; without
+    this, a ``kill -9`` of the flow's process (or the OOM killer) would leave them running.
+    """
+    setpriv = shutil.which("setpriv")
+    return (setpriv, "--pdeathsig", "KILL", "--") if setpriv else ()
 
 
 @dataclass
@@ -200,7 +214,8 @@ def run_process(
     log_name: str = "engine.log",
     env: dict[str, str] | None = None,
 ) -> ProcessOutcome:
-    """Run ``argv`` in ``cwd`` in a new session and return how it ended.
+    """Run ``argv`` in ``cwd`` in a new session and return how it ended. The process is
+    killed if the thread that runs this dies (see :func:`_dies_with_owner`).
 
     Output (stdout and stderr) goes to ``cwd/log_name`` and, read back from there while the
     process runs, to ``log`` as text blocks. Past ``timeout`` seconds, or once ``stop_file``
@@ -211,7 +226,7 @@ def run_process(
     with log_path.open("ab") as log_file:
         offset = log_file.tell()
         proc = subprocess.Popen(
-            list(argv),
+            [*_dies_with_owner(), *argv],
             cwd=cwd,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -71,3 +71,19 @@ def _sid(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
+
+
+def test_a_killed_flow_process_takes_its_engines_with_it(tmp_path):
+    structure = tmp_path / "cluster.xyz"
+    structure.write_text(water_cluster_xyz(4))
+    flow_proc = start_simulate_process(tmp_path, structure, engine="xtb")
+    try:
+        control_root = get_settings().resolved_work_root() / ".control"
+        record = _wait_for_engine(control_root)
+        assert "xtb" in psutil.Process(record["pid"]).name()
+        flow_proc.send_signal(signal.SIGKILL)
+        flow_proc.wait(timeout=30)
+        assert _gone(record["pid"], timeout=10), "the engine outlived its flow's process"
+    finally:
+        if flow_proc.poll() is None:
+            flow_proc.kill()
