@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import import_module
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, TypeAdapter, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model
 
 from atomforge.engines.base import Engine
 from atomforge.engines.errors import InputError
@@ -38,26 +38,37 @@ def _load(target: str) -> type[Engine]:
 
 
 @cache
+def _targets() -> dict[str, str | EntryPoint]:
+    """Return where each engine class is, by name, without importing any: the built-in
+    ones, then those of entry points."""
+    targets: dict[str, str | EntryPoint] = dict(BUILTIN_ENGINES)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        targets.setdefault(point.name, point)
+    return targets
+
+
+@cache
+def engine_class(name: str) -> type[Engine]:
+    """Return the class of engine ``name``, importing its module only (KeyError if unknown)."""
+    target = _targets()[name]
+    return _load(target) if isinstance(target, str) else target.load()
+
+
 def engine_classes() -> dict[str, type[Engine]]:
     """Return every engine class by name: the built-in ones, then those of entry points."""
-    classes = {name: _load(target) for name, target in BUILTIN_ENGINES.items()}
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name not in classes:
-            classes[point.name] = point.load()
-    return classes
+    return {name: engine_class(name) for name in _targets()}
 
 
 def engine_names() -> list[str]:
-    """Return the names of all engines, sorted."""
-    return sorted(engine_classes())
+    """Return the names of all engines, sorted (no engine module is imported)."""
+    return sorted(_targets())
 
 
 def get_engine(name: str) -> Engine:
     """Return a new engine adapter for ``name``, or raise InputError for an unknown one."""
-    classes = engine_classes()
-    if name not in classes:
-        raise InputError(f"unknown engine {name!r} (available: {', '.join(sorted(classes))})")
-    return classes[name]()
+    if name not in _targets():
+        raise InputError(f"unknown engine {name!r} (available: {', '.join(engine_names())})")
+    return engine_class(name)()
 
 
 def _model_name(cls: type[Engine]) -> str:
@@ -72,7 +83,7 @@ def parameters_model(name: str) -> type[CalculationParameters]:
     The model is importable from this module by its name (``registry.XtbParameters``), so
     pickle sends it to Dask workers by reference instead of rebuilding the class there.
     """
-    cls = engine_classes()[name]
+    cls = engine_class(name)
     return create_model(
         _model_name(cls),
         __module__=__name__,
@@ -101,11 +112,6 @@ def parameters_type() -> Any:
     return Annotated[Union[models], Field(discriminator="engine")]  # noqa: UP007
 
 
-@cache
-def _adapter() -> TypeAdapter:
-    return TypeAdapter(parameters_type())
-
-
 def parse_parameters(data: dict[str, Any] | CalculationParameters) -> CalculationParameters:
     """Return ``data`` validated as the parameters of the engine it names.
 
@@ -114,10 +120,10 @@ def parse_parameters(data: dict[str, Any] | CalculationParameters) -> Calculatio
     if isinstance(data, CalculationParameters):
         return data
     engine = data.get("engine", "xtb")
-    if engine not in engine_classes():
+    if engine not in _targets():
         get_engine(engine)
     try:
-        return _adapter().validate_python({**data, "engine": engine})
+        return parameters_model(engine).model_validate({**data, "engine": engine})
     except ValidationError as exc:
         raise InputError(validation_line(exc)) from None
 
@@ -131,7 +137,7 @@ def validation_line(exc: ValidationError) -> str:
     """Return the first problem of a pydantic error as one line, naming the field."""
     err = exc.errors()[0]
     loc = err["loc"]
-    if loc and loc[0] in engine_classes():
+    if loc and loc[0] in _targets():
         loc = loc[1:]
     where = ".".join(str(p) for p in loc)
     message = err["msg"].removeprefix("Value error, ")

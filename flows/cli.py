@@ -7,7 +7,6 @@ An engine failure exits with 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -15,27 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn, get_args, get_origin
 
-from pydantic import ValidationError
-
-from atomforge.engines import engine_names, parse_parameters
 from atomforge.engines.errors import AtomforgeError, InputError
-from atomforge.engines.parameters import CalculationKind, CalculationParameters
-from atomforge.engines.registry import validation_line
-from atomforge.engines.status import Status
-from atomforge.flows.models import RunOptions, StructureResult, StructureSource
-from atomforge.flows.paths import run_paths, writable_roots
-from atomforge.flows.ranking import rank
-from atomforge.flows.settings import get_settings
-from atomforge.flows.store.files import (
-    iter_results,
-    iter_runs,
-    lineage,
-    load_run,
-    query_results,
-    result_path,
-)
+from atomforge.flows import local_server
 
 if TYPE_CHECKING:
+    from atomforge.engines.parameters import CalculationParameters
+    from atomforge.flows.models import StructureResult, StructureSource
     from atomforge.flows.ranking import RankedStructure
     from atomforge.flows.workflows.spec import WorkflowSpec
     from atomforge.flows.workflows.summary import WorkflowReport
@@ -86,6 +70,9 @@ def _options(pairs: list[str]) -> dict[str, object]:
 
 def _add_calculation_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options shared by ``run`` and ``screen``."""
+    from atomforge.engines import engine_names
+    from atomforge.engines.parameters import CalculationKind
+
     parser.add_argument(
         "--engine", default="xtb", help=f"the engine: {', '.join(engine_names())} (%(default)s)"
     )
@@ -144,6 +131,8 @@ def _add_calculation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parameters(args: argparse.Namespace) -> CalculationParameters:
     """Return validated simulation parameters from the command line."""
+    from atomforge.engines import parse_parameters
+
     fields = {
         "cores": args.cores,
         "engine": args.engine,
@@ -162,6 +151,8 @@ def _parameters(args: argparse.Namespace) -> CalculationParameters:
 
 def _source(args: argparse.Namespace) -> StructureSource:
     """Return the structure source named on the command line."""
+    from atomforge.flows.models import StructureSource
+
     if args.structure == "-":
         return StructureSource(text=sys.stdin.read(), format=args.format)
     try:
@@ -202,6 +193,12 @@ def print_json_lines(results: Sequence[StructureResult]) -> None:
 
 def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
     """Return source, parameters and options after checking them all (InputError if bad)."""
+    from pydantic import ValidationError
+
+    from atomforge.engines.registry import validation_line
+    from atomforge.flows.models import RunOptions
+    from atomforge.flows.paths import run_paths, writable_roots
+    from atomforge.flows.settings import get_settings
     from atomforge.flows.validation import check_inputs
 
     try:
@@ -227,7 +224,11 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one structure; print its result. Return the exit code."""
     source, params, options = _prepare(args)
+    import asyncio
+
+    from atomforge.flows.settings import get_settings
     from atomforge.flows.simulate import simulate
+    from atomforge.flows.store.files import query_results, result_path
 
     state = asyncio.run(simulate(source, params, options, return_state=True))
     results = query_results(
@@ -248,7 +249,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_screen(args: argparse.Namespace) -> int:
     """Screen every structure of a file or folder; print the ranking. Return the exit code."""
     source, params, options = _prepare(args, args.skip_invalid)
+    import asyncio
+
     from atomforge.flows.screen import screen
+    from atomforge.flows.settings import get_settings
+    from atomforge.flows.store.files import iter_results
 
     state = asyncio.run(screen(source, params, options, args.rank_by, return_state=True))
     if not state.is_completed():
@@ -302,6 +307,11 @@ def print_workflow(report: WorkflowReport) -> None:
 
 def cmd_workflow(args: argparse.Namespace) -> int:
     """Run a workflow spec file; print its steps and lines (or every result as JSON)."""
+    import asyncio
+
+    from atomforge.flows.paths import writable_roots
+    from atomforge.flows.settings import get_settings
+    from atomforge.flows.store.files import query_results
     from atomforge.flows.workflows.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -329,6 +339,10 @@ def cmd_workflow(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """Print stored results matching the filters. Return the exit code."""
+    from atomforge.flows.ranking import rank
+    from atomforge.flows.settings import get_settings
+    from atomforge.flows.store.files import query_results
+
     results = query_results(
         get_settings().resolved_results_root(),
         flow_run_id=args.run,
@@ -351,6 +365,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """Print stored runs, newest first. Return the exit code."""
+    from atomforge.flows.settings import get_settings
+    from atomforge.flows.store.files import iter_runs
+
     print(
         f"{'flow run id':<36}  {'flow':<13} {'state':<9} {'engine':<8} {'done':>9}  "
         f"{'started (UTC)':<16}  message"
@@ -367,6 +384,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print one stored result document as JSON. Return the exit code."""
+    from atomforge.flows.settings import get_settings
+    from atomforge.flows.store.files import query_results
+
     root = get_settings().resolved_results_root()
     run_id, _, result_id = args.id.rpartition("/")
     if run_id:
@@ -385,6 +405,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def print_chain(root: Path, result: StructureResult) -> None:
     """Print ``result`` and the results it started from, back to the input it was given."""
+    from atomforge.flows.store.files import lineage, load_run
+
     chain = lineage(root, result)
     for depth, r in enumerate(chain):
         energy = f"{r.energy_eV:.6f} eV" if r.energy_eV is not None else ""
@@ -459,9 +481,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_job_script(args: argparse.Namespace) -> int:
     """Print the SLURM job script a run would submit with the current settings."""
     from atomforge.flows.scheduling.slurm import job_script
+    from atomforge.flows.settings import get_settings
 
     print(job_script(get_settings()), end="")
     return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Start, report on or stop this atomforge home's local server. Return the exit code."""
+    if args.action == "stop":
+        stopped = local_server.stop()
+        print("local server stopped" if stopped else "no local server was running")
+        return 0
+    if args.action == "start":
+        local_server.wait_healthy(local_server.ensure())
+    state, line = local_server.status()
+    print(line)
+    configured = local_server.configured_api_url()
+    if configured:
+        print(f"note: PREFECT_API_URL is set ({configured}): commands use that API")
+    return 0 if state is not None else 1
 
 
 def _version() -> str:
@@ -486,6 +525,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``atomforge`` command."""
+    from atomforge.engines.status import Status
+
     parser = OneLineParser(prog="atomforge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -582,17 +623,56 @@ def build_parser() -> argparse.ArgumentParser:
         "job-script", help="print the SLURM job script runs submit (ATOMFORGE_SLURM_*)"
     )
     job.set_defaults(func=cmd_job_script)
+    _add_server_parser(sub)
+    return parser
+
+
+def _add_server_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``server`` command to ``sub``."""
+    server = sub.add_parser(
+        "server",
+        help="the local Prefect server and warm process commands use (started on first use)",
+    )
+    server.add_argument(
+        "action",
+        choices=["start", "status", "stop"],
+        help="start it (and wait until it answers), report on it (exit 1 if none), stop it",
+    )
+    server.set_defaults(func=cmd_server)
+
+
+def server_parser() -> argparse.ArgumentParser:
+    """Return a parser of the ``server`` command alone: it answers without importing
+    the engines."""
+    parser = OneLineParser(prog="atomforge")
+    _add_server_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return its exit code."""
+    """Run the command line; return its exit code.
+
+    A command that runs a flow goes to the local server (see
+    :mod:`atomforge.flows.local_server`) unless a Prefect API is configured or
+    ``ATOMFORGE_LOCAL_SERVER`` is false; everything else runs here, importing only what
+    it uses.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     for name, value in EMBEDDED_PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if sys.stderr.isatty():
         os.environ.setdefault("ATOMFORGE_TERMINAL_PROGRESS", "true")
     os.environ.setdefault("ATOMFORGE_INPUT_ROOTS", COMMAND_INPUT_ROOTS)
-    args = build_parser().parse_args(argv)
+    if argv[:1] and argv[0] in local_server.FLOW_COMMANDS and local_server.enabled():
+        try:
+            code = local_server.forward(argv)
+        except (OSError, RuntimeError) as exc:
+            print(f"atomforge: error: local server: {exc}", file=sys.stderr)
+            return EXIT_ENGINE_FAILED
+        if code is not None:
+            return code
+    parser = server_parser() if argv[:1] == ["server"] else build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -1,0 +1,631 @@
+"""The local server: a Prefect server and a warm command process, started once, reused.
+
+A fresh ``atomforge run`` would spend about 5 s starting Prefect's embedded server and
+3 s importing Prefect, ASE and Dask before it computes anything. Instead the first
+command that runs a flow starts, in the background, one process per atomforge home
+(``ATOMFORGE_HOME/server``) that
+
+- runs ``prefect server start`` on 127.0.0.1 (the UI shows every run) with its own
+  Prefect home and database under ``ATOMFORGE_HOME/server/prefect``;
+- imports the flows once, then serves commands on a Unix socket: for each it forks a
+  child that takes over the caller's terminal (its stdin, stdout and stderr are passed
+  over the socket), working directory, environment and arguments, runs the command
+  against that server, and reports the exit code. The caller forwards Ctrl-C to it.
+
+Later commands find it through ``server.json`` (pid, port, API URL), which a lock keeps
+single when two commands start at once; a stale one (its process gone) is replaced. The
+process stops itself after ``ATOMFORGE_LOCAL_SERVER_IDLE_MINUTES`` without a command, and
+is replaced when atomforge's code changed since it started. Nothing of this happens when
+``PREFECT_API_URL`` is set (in the environment or the active Prefect profile): commands
+use that API. ``ATOMFORGE_LOCAL_SERVER=false`` keeps the embedded server per command (the
+default inside a pytest run).
+
+This module imports the standard library only: it is what a command imports first.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from importlib import import_module
+from pathlib import Path
+
+import tomllib
+
+FLOW_COMMANDS = frozenset({"run", "screen", "workflow", "demo"})
+"""The commands that run flows: these go to the local server."""
+PACKAGE = Path(__file__).resolve().parents[1]
+START_TIMEOUT_SECONDS = 180.0
+"""How long a command waits for a starting server (a new database takes ~15 s to create)."""
+MAX_REQUEST_BYTES = 16 << 20
+HEALTH_POLL_SECONDS = 0.05
+MARKER = "atomforge.flows.local_server"
+"""What the server's command line holds: a recorded pid running anything else is stale."""
+
+
+def _flag(env: Mapping[str, str], name: str, default: str) -> str:
+    return env.get(name, default).strip().lower()
+
+
+def enabled(env: Mapping[str, str] = os.environ) -> bool:
+    """Return whether commands use the local server: ``ATOMFORGE_LOCAL_SERVER`` true (the
+    default); never when a Prefect API is configured."""
+    if _flag(env, "ATOMFORGE_LOCAL_SERVER", "true") in {"false", "0", "no", "off"}:
+        return False
+    return not configured_api_url(env)
+
+
+def configured_api_url(env: Mapping[str, str] = os.environ) -> str | None:
+    """Return the Prefect API URL the environment or the active Prefect profile sets."""
+    if env.get("PREFECT_API_URL"):
+        return env["PREFECT_API_URL"]
+    prefect_home = Path(env.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    profiles = Path(env.get("PREFECT_PROFILES_PATH", prefect_home / "profiles.toml"))
+    try:
+        data = tomllib.loads(profiles.expanduser().read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = env.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return (data.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL") or None
+
+
+def home(env: Mapping[str, str] = os.environ) -> Path:
+    """Return the local server's folder under the atomforge home."""
+    root = Path(env.get("ATOMFORGE_HOME", "~/.atomforge")).expanduser().resolve()
+    return root / "server"
+
+
+def idle_seconds(env: Mapping[str, str] = os.environ) -> float:
+    """Return how long the server waits for a command before it stops itself."""
+    return 60 * float(env.get("ATOMFORGE_LOCAL_SERVER_IDLE_MINUTES", "60"))
+
+
+def code_stamp() -> str:
+    """Return a digest of the Python running atomforge and its source files' times: a
+    server started from other code is replaced."""
+    digest = hashlib.sha256(sys.executable.encode())
+    for folder in ("flows", "engines"):
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            digest.update(f"{path}:{path.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prefect_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Return the ``PREFECT_*`` settings a warm process was started with (Prefect reads
+    them once, at import): a command with other ones runs in its own process."""
+    return {
+        key: value
+        for key, value in env.items()
+        if key.startswith("PREFECT_") and key not in {"PREFECT_API_URL", "PREFECT_HOME"}
+    }
+
+
+@dataclass
+class ServerState:
+    """What ``server.json`` records about a running local server."""
+
+    pid: int
+    port: int
+    api_url: str
+    socket: str
+    stamp: str
+    prefect_env: dict[str, str]
+    started: float
+
+    @classmethod
+    def load(cls, folder: Path) -> ServerState | None:
+        """Return the recorded state, or None if there is none or it is unreadable."""
+        try:
+            return cls(**json.loads((folder / "server.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save(self, folder: Path) -> None:
+        """Write the state atomically."""
+        tmp = folder / "server.json.tmp"
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(folder / "server.json")
+
+    def alive(self) -> bool:
+        """Return whether the recorded process is a running local server."""
+        try:
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return MARKER.encode() in cmdline
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        """Return whether the Prefect API answers its health check."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=timeout) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the folder's lock: one command at a time checks, starts or stops the server."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with (folder / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _socket_name(folder: Path) -> str:
+    """Return the abstract socket name of the server of ``folder`` (peers are checked)."""
+    return f"atomforge-{os.getuid()}-{hashlib.sha256(str(folder).encode()).hexdigest()[:20]}"
+
+
+def ensure(env: Mapping[str, str] = os.environ) -> ServerState:
+    """Return the running local server of this atomforge home, starting it if needed."""
+    folder = home(env)
+    stamp = code_stamp()
+    with _locked(folder):
+        state = ServerState.load(folder)
+        if state is not None and state.alive() and state.stamp == stamp:
+            return state
+        if state is not None:
+            _stop(folder, state)
+        return _start(folder, env, stamp)
+
+
+def _start(folder: Path, env: Mapping[str, str], stamp: str) -> ServerState:
+    """Start the server process detached (a session of its own); record and return it."""
+    port = int(env.get("ATOMFORGE_LOCAL_SERVER_PORT", "0")) or _free_port()
+    log = (folder / "server.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", MARKER, "serve", str(port)],
+        env={**env, "ATOMFORGE_HOME": str(folder.parent)},
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
+    state = ServerState(
+        pid=process.pid,
+        port=port,
+        api_url=f"http://127.0.0.1:{port}/api",
+        socket=_socket_name(folder),
+        stamp=stamp,
+        prefect_env=prefect_env(env),
+        started=time.time(),
+    )
+    state.save(folder)
+    return state
+
+
+def _stop(folder: Path, state: ServerState, timeout: float = 20.0) -> bool:
+    """Stop the recorded server's process group and forget it; return whether it ran."""
+    running = state.alive()
+    if running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _exists(state.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _exists(state.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(state.pid, signal.SIGKILL)
+    (folder / "server.json").unlink(missing_ok=True)
+    return running
+
+
+def stop(env: Mapping[str, str] = os.environ) -> bool:
+    """Stop this atomforge home's local server; return whether one was running."""
+    folder = home(env)
+    with _locked(folder):
+        state = ServerState.load(folder)
+        return state is not None and _stop(folder, state)
+
+
+def status(env: Mapping[str, str] = os.environ) -> tuple[ServerState | None, str]:
+    """Return the recorded server (None if none runs) and one line about it."""
+    folder = home(env)
+    state = ServerState.load(folder)
+    if state is None:
+        return None, f"no local server ({folder})"
+    if not state.alive():
+        return None, f"no local server ({folder}: stale record of pid {state.pid})"
+    health = "healthy" if state.healthy() else "starting"
+    minutes = (time.time() - state.started) / 60
+    return state, (
+        f"local server pid {state.pid}, {health}, up {minutes:.0f} min; "
+        f"UI and API at http://127.0.0.1:{state.port} ({folder})"
+    )
+
+
+# --- the command side ----------------------------------------------------------------
+
+
+def _connect(state: ServerState, timeout: float) -> socket.socket:
+    """Return a connection to the server's command socket, waiting while it starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect("\0" + state.socket)
+            return sock
+        except OSError:
+            sock.close()
+            if not _exists(state.pid) or time.monotonic() > deadline:
+                raise
+            time.sleep(HEALTH_POLL_SECONDS)
+
+
+def _exists(pid: int) -> bool:
+    """Return whether process ``pid`` exists (and is not a zombie)."""
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].startswith(" Z")
+    except OSError:
+        return False
+
+
+def _read_line(sock: socket.socket, buffer: bytearray) -> dict | None:
+    """Return the next JSON line from ``sock`` (None at its end)."""
+    while b"\n" not in buffer:
+        try:
+            chunk = sock.recv(4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        buffer.extend(chunk)
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return json.loads(line)
+
+
+def _standard_fds() -> list[int]:
+    """Return this process's stdin, stdout and stderr descriptors (/dev/null for a closed one)."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open(os.devnull, os.O_RDWR))
+    return fds
+
+
+def forward(argv: list[str], env: Mapping[str, str] = os.environ) -> int | None:
+    """Run the command ``argv`` in the local server; return its exit code.
+
+    Returns None, having run nothing, when this command's Prefect settings differ from
+    those the server was started with: the caller then runs it itself against
+    ``PREFECT_API_URL`` (which this sets to the local server's API).
+    """
+    state = ensure(env)
+    if prefect_env(env) != state.prefect_env:
+        os.environ["PREFECT_API_URL"] = state.api_url
+        wait_healthy(state)
+        return None
+    sock = _connect(state, START_TIMEOUT_SECONDS)
+    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(env)}).encode()
+    socket.send_fds(sock, [struct.pack("!I", len(request))], _standard_fds())
+    sock.sendall(request)
+    buffer = bytearray()
+    started = _read_line(sock, buffer)
+    if started is None:
+        log = home(env) / "server.log"
+        print(f"atomforge: error: the local server ended; see {log}", file=sys.stderr)
+        return 1
+    child = started["pid"]
+
+    def relay(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, relay)
+    finished = _read_line(sock, buffer)
+    if finished is None:
+        print("atomforge: error: the command's process ended without an exit code", file=sys.stderr)
+        return 1
+    return int(finished["exit"])
+
+
+def wait_healthy(state: ServerState, timeout: float = START_TIMEOUT_SECONDS) -> None:
+    """Return once the server's Prefect API answers (RuntimeError if it stops or times out)."""
+    deadline = time.monotonic() + timeout
+    while not state.healthy(timeout=1.0):
+        if not state.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the local Prefect server did not start; see {home()}/server.log")
+        time.sleep(HEALTH_POLL_SECONDS)
+
+
+# --- the server side -----------------------------------------------------------------
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """Return a command request and the caller's three standard file descriptors."""
+    fds = array.array("i")
+    head, ancillary, _, _ = conn.recvmsg(4, socket.CMSG_LEN(3 * fds.itemsize))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    (size,) = struct.unpack("!I", head)
+    if size > MAX_REQUEST_BYTES or len(fds) != 3:
+        raise ValueError("bad request")
+    body = bytearray()
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("short request")
+        body.extend(chunk)
+    return json.loads(body), list(fds)
+
+
+def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> None:
+    """Run one command in this forked process as its caller would have; never returns."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.setpgid(0, 0)
+        conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"], PREFECT_API_URL=api_url)
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+        sys.argv = ["atomforge", *request["argv"]]
+        sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
+        from atomforge.flows.cli import main
+
+        code = main(request["argv"])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        print("atomforge: interrupted", file=sys.stderr)
+        code = 130
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        os._exit(code if isinstance(code, int) else 1)
+
+
+WARM_MODULES = (
+    "atomforge.flows.cli",
+    "atomforge.flows.simulate",
+    "atomforge.flows.screen",
+    "atomforge.flows.workflow",
+    "prefect.engine",
+    "prefect.flow_engine",
+    "prefect.concurrency.v1",
+    "prefect.utilities.visualization",
+    "prefect._internal.attempt_control",
+    "prefect._internal.control_listener",
+    "prefect._internal.metrics",
+    "fastapi.encoders",
+    "starlette.staticfiles",
+    "anyio._backends._asyncio",
+    "opentelemetry.metrics",
+    "opentelemetry._logs",
+    "distributed.http.scheduler",
+    "distributed.http.worker",
+    "distributed.http.proxy",
+    "distributed.http.statics",
+    "distributed.http.health",
+    "distributed.http.prometheus",
+    "distributed.diagnostics.websocket",
+    "tornado.platform.asyncio",
+    "pydantic.color",
+    "rich._emoji_codes",
+    "ase.io.extxyz",
+)
+"""What commands import, found by listing the modules a first ``run`` of water imports
+after the flows (about 0.3 s): a forked child finds them imported."""
+
+
+def _warm_up() -> None:
+    """Import what commands use, so that each forked child starts with it (a failing
+    import is left to the commands, which meet it again and report it)."""
+    for name in WARM_MODULES:
+        try:
+            import_module(name)
+        except Exception as exc:
+            print(f"warm-up: import {name} failed: {type(exc).__name__}: {exc}", flush=True)
+    with contextlib.suppress(Exception):
+        import_module("atomforge.flows.cli").build_parser()
+    if threading.active_count() > 1:
+        print(f"warm-up left threads running: {threading.enumerate()}", flush=True)
+
+
+UNUSED_SERVICES = (
+    "SCHEDULER",
+    "LATE_RUNS",
+    "FOREMAN",
+    "PAUSE_EXPIRATIONS",
+    "TRIGGERS",
+    "REPOSSESSOR",
+)
+"""Prefect server services commands do not use (deployment schedules, work pools and
+workers, automations): off, a start is about a second shorter. The service command's
+server (``atomforge service up``) runs them for deployments."""
+
+
+def _migrated(folder: Path) -> str | None:
+    """Return the Prefect version that last migrated the server's database, if known."""
+    try:
+        return (folder / "prefect" / "migrated-by").read_text().strip()
+    except OSError:
+        return None
+
+
+def _prefect_server(folder: Path, port: int) -> None:
+    """Run the Prefect server (API and UI) in this forked process until it is stopped.
+
+    The database is migrated on the first start of each Prefect version only (checking
+    an up-to-date database costs a start time), and services that commands do not use
+    stay off unless the environment turns them on.
+    """
+    code = 1
+    try:
+        import prefect
+
+        if _migrated(folder) == prefect.__version__:
+            os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
+        for name in UNUSED_SERVICES:
+            os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{name}_ENABLED", "false")
+        os.environ.update(
+            PREFECT_HOME=str(folder / "prefect"),
+            PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(port),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        )
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+        import uvicorn
+        from prefect.server.api.server import create_app
+
+        uvicorn.run(create_app(final=True), host="127.0.0.1", port=port, log_level="warning")
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve(port: int) -> int:
+    """Run the local server of ``ATOMFORGE_HOME`` on ``port`` until idle, stopped or
+    replaced: the Prefect server and each command in a forked child.
+
+    Prefect is imported once, before the Prefect server's process forks off, and the rest
+    of what commands use while that server starts.
+    """
+    folder = home()
+    (folder / "prefect").mkdir(parents=True, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + _socket_name(folder))
+    listener.listen(64)
+    api_url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = api_url
+    began = time.monotonic()
+    import prefect
+
+    server = os.fork()
+    if server == 0:
+        listener.close()
+        _prefect_server(folder, port)
+    try:
+        _warm_up()
+        warmed = time.monotonic() - began
+        probe = ServerState(os.getpid(), port, api_url, _socket_name(folder), "", {}, time.time())
+        try:
+            wait_healthy(probe)
+        except RuntimeError as exc:
+            print(exc, flush=True)
+            return 1
+        (folder / "prefect" / "migrated-by").write_text(prefect.__version__)
+        print(
+            f"local server ready: API {api_url}, pid {os.getpid()}; imports took "
+            f"{warmed:.1f} s, the API answered after {time.monotonic() - began:.1f} s",
+            flush=True,
+        )
+        return _serve_commands(folder, listener, server, api_url)
+    finally:
+        listener.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _exists(server) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(server, os.WNOHANG)
+            time.sleep(0.05)
+
+
+def _serve_commands(folder: Path, listener: socket.socket, server: int, api_url: str) -> int:
+    """Run each command that comes in a forked child until idle, stopped or replaced."""
+    listener.settimeout(5.0)
+    idle = idle_seconds()
+    last = time.monotonic()
+    children: set[int] = set()
+    while True:
+        while True:
+            pid = 0
+            with contextlib.suppress(ChildProcessError):
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                break
+            if pid == server:
+                print("the Prefect server stopped; stopping", flush=True)
+                return 1
+            children.discard(pid)
+            last = time.monotonic()
+        current = ServerState.load(folder)
+        if current is None or current.pid != os.getpid():
+            print("no longer the recorded server; stopping", flush=True)
+            return 0
+        if not children and time.monotonic() - last > idle:
+            print(f"idle for {idle / 60:.0f} min; stopping", flush=True)
+            with _locked(folder):
+                (folder / "server.json").unlink(missing_ok=True)
+            return 0
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            if struct.unpack("3i", peer)[1] != os.getuid():
+                continue
+            try:
+                request, fds = _recv_request(conn)
+            except (OSError, ValueError) as exc:
+                print(f"refused a request: {exc}", flush=True)
+                continue
+            last = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                _child(conn, request, fds, api_url)
+            children.add(pid)
+            for fd in fds:
+                os.close(fd)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        sys.exit(serve(int(sys.argv[2])))
+    sys.exit(f"usage: python -m {MARKER} serve PORT")

@@ -1,0 +1,140 @@
+"""The local server: started by the first command, reused by the next, reported, stopped;
+two commands at once start one; a stale record is replaced. Real server processes, each
+stopped by the test that started it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, WATER_XYZ
+
+ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
+
+
+@pytest.fixture
+def server_env(tmp_path: Path):
+    """Yield an environment whose commands use a local server of their own; stop it after."""
+    env = os.environ.copy() | {
+        "ATOMFORGE_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "ATOMFORGE_LOCAL_SERVER": "true",
+    }
+    env.pop("PREFECT_API_URL", None)
+    yield env
+    atomforge(env, "server", "stop")
+
+
+def atomforge(env: dict[str, str], *args: str, stdin: str | None = None):
+    """Run the atomforge command with ``env``; return the completed process."""
+    return subprocess.run(
+        [ATOMFORGE, *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+    )
+
+
+def record(env: dict[str, str]) -> dict:
+    """Return the local server's record (server.json)."""
+    return json.loads((Path(env["ATOMFORGE_HOME"]) / "server" / "server.json").read_text())
+
+
+def running(pid: int) -> bool:
+    """Return whether process ``pid`` exists and is not a zombie."""
+    try:
+        return " Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    except OSError:
+        return False
+
+
+def test_first_command_starts_the_server_the_next_reuses_it_status_and_stop(server_env):
+    first = atomforge(server_env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
+    assert first.returncode == 0, first.stderr
+    assert "-5.07" in first.stdout and "completed" in first.stdout
+    server = record(server_env)
+    assert running(server["pid"])
+    second = atomforge(server_env, "run", "-", "--kind", "singlepoint", "--json", stdin=WATER_XYZ)
+    assert second.returncode == 0, second.stderr
+    assert record(server_env)["pid"] == server["pid"]
+    assert json.loads(second.stdout.splitlines()[0])["status"] == "completed"
+
+    runs = httpx.post(f"{server['api_url']}/flow_runs/filter", json={}, timeout=10).json()
+    assert sorted(run["state_type"] for run in runs) == ["COMPLETED", "COMPLETED"]
+    assert all(run["name"].startswith("simulate xtb singlepoint") for run in runs), runs
+
+    status = atomforge(server_env, "server", "status")
+    assert status.returncode == 0 and f"pid {server['pid']}, healthy" in status.stdout
+
+    bad = atomforge(server_env, "run", "-", "--charge", "one", stdin=WATER_XYZ)
+    assert bad.returncode == 2 and bad.stderr.startswith("atomforge: error: charge"), bad.stderr
+
+    stopped = atomforge(server_env, "server", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not running(server["pid"])
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{server['api_url']}/health", timeout=2)
+    after = atomforge(server_env, "server", "status")
+    assert after.returncode == 1 and "no local server" in after.stdout
+
+
+def test_two_commands_at_once_start_one_server_and_a_stale_record_is_replaced(server_env):
+    commands = [
+        subprocess.Popen(
+            [ATOMFORGE, "run", "-", "--kind", "singlepoint"],
+            env=server_env,
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for command in commands:
+        _, err = command.communicate(WATER_XYZ, timeout=300)
+        assert command.returncode == 0, err
+    folder = Path(server_env["ATOMFORGE_HOME"]) / "server"
+    assert (folder / "server.log").read_text().count("local server ready") == 1
+    first = record(server_env)
+
+    atomforge(server_env, "server", "stop")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (folder / "server.json").write_text(json.dumps(first | {"pid": gone.pid}))
+    stale = atomforge(server_env, "server", "status")
+    assert stale.returncode == 1 and "stale record" in stale.stdout
+
+    again = atomforge(server_env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
+    assert again.returncode == 0, again.stderr
+    assert record(server_env)["pid"] not in {first["pid"], gone.pid}
+    assert running(record(server_env)["pid"])
+
+
+def test_a_configured_prefect_api_or_the_opt_out_starts_no_server(tmp_path):
+    env = os.environ.copy() | {
+        "ATOMFORGE_HOME": str(tmp_path / "home"),
+        "ATOMFORGE_LOCAL_SERVER": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    out = atomforge(env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "home" / "server" / "server.json").exists()
+    from atomforge.flows import local_server
+
+    assert not local_server.enabled({"PREFECT_API_URL": "http://127.0.0.1:1/api"})
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(
+        'active = "remote"\n[profiles.remote]\nPREFECT_API_URL = "http://10.0.0.1:4200/api"\n'
+    )
+    assert not local_server.enabled({"PREFECT_PROFILES_PATH": str(profiles)})
+    assert local_server.enabled({"PREFECT_HOME": str(tmp_path / "empty")})
