@@ -17,7 +17,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed, State
 
 from atomforge.engines import get_engine
-from atomforge.engines.errors import AtomforgeError, InputError
+from atomforge.engines.errors import AtomforgeError, InputError, RunStopped
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.status import RUNNER_STATUS_FILE, STATUS_FILE, JobStatus, Status
 from atomforge.flows.hooks import begin_attempt, record_ending, stop_run_engines
@@ -69,7 +69,8 @@ async def _follow(
     """Return the results of every chunk, parsed as the engine runs finish each structure.
 
     Structures that never ended, because the engine run that claimed them (or, if none
-    did, their chunk's) failed or the parse failed, get ``failed`` results that say why.
+    did, their chunk's) failed or the parse failed, get ``failed`` results that say why
+    (``stopped`` where that engine run was stopped).
     A failed parse also stops the engines: what they would compute could not be read.
     """
 
@@ -98,7 +99,8 @@ async def _follow(
             reason = (
                 _describe(outcome) if isinstance(outcome, BaseException) else "engine never ran"
             )
-            results += _unrun_results([job], params, run, JobStatus(Status.failed, reason))
+            ending = Status.stopped if isinstance(outcome, RunStopped) else Status.failed
+            results += _unrun_results([job], params, run, JobStatus(ending, reason))
     return results
 
 
