@@ -87,6 +87,24 @@ def _start_flow_process(
         )
 
 
+ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
+
+
+def run_atomforge(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run the atomforge command from the repository with ``env``; return how it ended."""
+    return subprocess.run(
+        [ATOMFORGE, *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=600,
+    )
+
+
 def use_xtb_wrapper(path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Write ``script`` to ``path`` as an executable and make it the xtb command; return it."""
     path.write_text(script)

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from atomforge.flows.cli import build_parser, main
-from tests.conftest import REPO, WATER_XYZ
-
-ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
+from tests.conftest import ATOMFORGE, REPO, WATER_XYZ, run_atomforge
 
 
 def _atomforge(*args: str, home: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = os.environ.copy() | {"ATOMFORGE_HOME": str(home)}
-    return subprocess.run(
-        [ATOMFORGE, *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=300,
-    )
+    return run_atomforge(os.environ | {"ATOMFORGE_HOME": str(home)}, *args, stdin=stdin)
 
 
 @pytest.mark.parametrize(

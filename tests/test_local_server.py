@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import REPO, WATER_XYZ
-
-ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
+from tests.conftest import ATOMFORGE, REPO, WATER_XYZ, run_atomforge
 
 
 @pytest.fixture
@@ -28,20 +25,7 @@ def server_env(tmp_path: Path):
     }
     env.pop("PREFECT_API_URL", None)
     yield env
-    atomforge(env, "server", "stop")
-
-
-def atomforge(env: dict[str, str], *args: str, stdin: str | None = None):
-    """Run the atomforge command with ``env``; return the completed process."""
-    return subprocess.run(
-        [ATOMFORGE, *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=300,
-    )
+    run_atomforge(env, "server", "stop")
 
 
 def record(env: dict[str, str]) -> dict:
@@ -58,12 +42,14 @@ def running(pid: int) -> bool:
 
 
 def test_first_command_starts_the_server_the_next_reuses_it_status_and_stop(server_env):
-    first = atomforge(server_env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
+    first = run_atomforge(server_env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
     assert first.returncode == 0, first.stderr
     assert "-5.07" in first.stdout and "completed" in first.stdout
     server = record(server_env)
     assert running(server["pid"])
-    second = atomforge(server_env, "run", "-", "--kind", "singlepoint", "--json", stdin=WATER_XYZ)
+    second = run_atomforge(
+        server_env, "run", "-", "--kind", "singlepoint", "--json", stdin=WATER_XYZ
+    )
     assert second.returncode == 0, second.stderr
     assert record(server_env)["pid"] == server["pid"]
     assert json.loads(second.stdout.splitlines()[0])["status"] == "completed"
@@ -72,18 +58,18 @@ def test_first_command_starts_the_server_the_next_reuses_it_status_and_stop(serv
     assert sorted(run["state_type"] for run in runs) == ["COMPLETED", "COMPLETED"]
     assert all(run["name"].startswith("simulate xtb singlepoint") for run in runs), runs
 
-    status = atomforge(server_env, "server", "status")
+    status = run_atomforge(server_env, "server", "status")
     assert status.returncode == 0 and f"pid {server['pid']}, healthy" in status.stdout
 
-    bad = atomforge(server_env, "run", "-", "--charge", "one", stdin=WATER_XYZ)
+    bad = run_atomforge(server_env, "run", "-", "--charge", "one", stdin=WATER_XYZ)
     assert bad.returncode == 2 and bad.stderr.startswith("atomforge: error: charge"), bad.stderr
 
-    stopped = atomforge(server_env, "server", "stop")
+    stopped = run_atomforge(server_env, "server", "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not running(server["pid"])
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{server['api_url']}/health", timeout=2)
-    after = atomforge(server_env, "server", "status")
+    after = run_atomforge(server_env, "server", "status")
     assert after.returncode == 1 and "no local server" in after.stdout
 
 
@@ -107,14 +93,14 @@ def test_two_commands_at_once_start_one_server_and_a_stale_record_is_replaced(se
     assert (folder / "server.log").read_text().count("local server ready") == 1
     first = record(server_env)
 
-    atomforge(server_env, "server", "stop")
+    run_atomforge(server_env, "server", "stop")
     gone = subprocess.Popen(["true"])
     gone.wait()
     (folder / "server.json").write_text(json.dumps(first | {"pid": gone.pid}))
-    stale = atomforge(server_env, "server", "status")
+    stale = run_atomforge(server_env, "server", "status")
     assert stale.returncode == 1 and "stale record" in stale.stdout
 
-    again = atomforge(server_env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
+    again = run_atomforge(server_env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
     assert again.returncode == 0, again.stderr
     assert record(server_env)["pid"] not in {first["pid"], gone.pid}
     assert running(record(server_env)["pid"])
@@ -126,7 +112,7 @@ def test_a_configured_prefect_api_or_the_opt_out_starts_no_server(tmp_path):
         "ATOMFORGE_LOCAL_SERVER": "false",
     }
     env.pop("PREFECT_API_URL", None)
-    out = atomforge(env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
+    out = run_atomforge(env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "home" / "server" / "server.json").exists()
     from atomforge.flows import local_server

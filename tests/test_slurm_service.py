@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, water_cluster_xyz
+from tests.conftest import ATOMFORGE, REPO, water_cluster_xyz
 from tests.prefect_server import (
     prefect_cli,
     run_deployment_cli,
@@ -30,7 +30,6 @@ from tests.test_slurm import (
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
-ATOMFORGE = str(REPO / ".venv" / "bin" / "atomforge")
 
 
 @pytest.fixture(scope="module")
