@@ -34,7 +34,13 @@ from atomforge.flows.scheduling.chunking import balanced_chunks, estimated_cost,
 from atomforge.flows.scheduling.claims import claim_owner
 from atomforge.flows.scheduling.dask_runner import engine_slots
 from atomforge.flows.settings import KeepWorkdir, Settings, get_settings
-from atomforge.flows.steps import parse_results, prepare_inputs, run_engine, validate
+from atomforge.flows.steps import (
+    engine_limit_tags,
+    parse_results,
+    prepare_inputs,
+    run_engine,
+    validate,
+)
 from atomforge.flows.store.documents import make_result, parse_job, planned_result, reused_result
 from atomforge.flows.store.files import load_plan, load_result, save_plan, save_result, save_run
 from atomforge.flows.store.index import find_completed
@@ -385,8 +391,9 @@ async def run_structures(
         if jobs:
             await retrying(prepare_inputs)([job for chunk in chunks for job in chunk], params)
             directories = [[job.directory for job in chunk] for chunk in chunks]
+            limit_tags = await engine_limit_tags(params.engine)
             with dask.annotate(resources=slots.resources) if slots.resources else nullcontext():
-                run_chunk = retrying(run_engine).with_options(tags={params.engine})
+                run_chunk = retrying(run_engine).with_options(tags=limit_tags)
                 engine_runs = [
                     run_chunk.submit(directories, index, params, run)
                     for index in range(len(chunks))

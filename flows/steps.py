@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-from prefect import task
+from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
 from atomforge.engines import get_engine
@@ -83,6 +84,22 @@ def engine_cores(cores: int) -> AbstractContextManager:
     (``ATOMFORGE_CORES_LIMIT``), waiting for them, or does nothing when none is set."""
     name = get_settings().cores_limit
     return concurrency(name, occupy=cores, strict=True) if name else nullcontext()
+
+
+async def engine_limit_tags(engine: str) -> set[str]:
+    """Return ``{engine}`` when the server has a tag concurrency limit named after the
+    engine (``prefect concurrency-limit create vasp 4``), otherwise an empty set.
+
+    Prefect asks the server for slots for each tag of a task run before the task starts
+    (0.1-0.4 s a task here), so run-engine carries its engine's tag only where a site has
+    set such a limit. Checked once per run: a limit created later counts from the next run.
+    """
+    async with get_client() as client:
+        try:
+            await client.read_concurrency_limit_by_tag(engine)
+        except ObjectNotFound:
+            return set()
+    return {engine}
 
 
 def _recorded(directories: Iterator[Path], ran: list[Path]) -> Iterator[Path]:
