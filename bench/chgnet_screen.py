@@ -132,7 +132,7 @@ def main() -> None:
     from atomforge.flows.simulate import simulate
 
     structures = crystals(args.n)
-    folder = Path(tempfile.mkdtemp(prefix="chgnet-crystals-"))
+    folder = Path(tempfile.mkdtemp(prefix="chgnet-crystals-", dir=os.environ["ATOMFORGE_HOME"]))
     for name, atoms in structures.items():
         write(folder / f"{name}.extxyz", atoms, format="extxyz")
     params = make_parameters(

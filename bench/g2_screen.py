@@ -93,7 +93,7 @@ def main() -> None:
     from atomforge.flows.simulate import simulate
 
     molecules = closed_shell_g2()[: args.limit]
-    folder = Path(tempfile.mkdtemp(prefix="g2-"))
+    folder = Path(tempfile.mkdtemp(prefix="g2-", dir=os.environ["ATOMFORGE_HOME"]))
     jobs = []
     for name, atoms in molecules:
         write(folder / f"{name}.xyz", atoms, format="xyz")

@@ -69,7 +69,7 @@ def main() -> None:
     from atomforge.flows.models import StructureSource, make_parameters
     from atomforge.flows.screen import screen
 
-    folder = Path(tempfile.mkdtemp(prefix="si-eos-"))
+    folder = Path(tempfile.mkdtemp(prefix="si-eos-", dir=os.environ["ATOMFORGE_HOME"]))
     jobs = []
     fields = {
         "kind": "singlepoint",

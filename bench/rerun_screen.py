@@ -40,7 +40,9 @@ def main() -> None:
             rattled.rattle(0.02, seed=copy)
             rattled.info["name"] = f"{name}-{copy}"
             frames.append(rattled)
-    source = Path(tempfile.mkdtemp(prefix="g2-copies-")) / "g2.extxyz"
+    source = (
+        Path(tempfile.mkdtemp(prefix="g2-copies-", dir=os.environ["ATOMFORGE_HOME"])) / "g2.extxyz"
+    )
     write(source, frames, format="extxyz")
     params = make_parameters("xtb")
 
