@@ -187,20 +187,25 @@ def _exit_handle(proc: subprocess.Popen) -> int | None:
         return None
 
 
-def _wait_briefly(proc: subprocess.Popen, pidfd: int | None) -> bool:
-    """Wait up to ``POLL_SECONDS`` for ``proc`` to end; return True once it has.
+def _wait_briefly(proc: subprocess.Popen, pidfd: int | None, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``proc`` to end; return True once it has.
 
     With a pidfd the wait ends the moment the process exits, so short engine runs pay no
     polling latency; without one, ``Popen.wait`` polls.
     """
     if pidfd is None:
         try:
-            proc.wait(POLL_SECONDS)
+            proc.wait(seconds)
         except subprocess.TimeoutExpired:
             return False
         return True
-    select.select([pidfd], [], [], POLL_SECONDS)
+    select.select([pidfd], [], [], seconds)
     return proc.poll() is not None
+
+
+def _until(deadline: float) -> float:
+    """Return how long to wait next: ``POLL_SECONDS``, or less to stop at ``deadline``."""
+    return max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))
 
 
 def run_process(
@@ -219,7 +224,8 @@ def run_process(
 
     Output (stdout and stderr) goes to ``cwd/log_name`` and, read back from there while the
     process runs, to ``log`` as text blocks. Past ``timeout`` seconds, or once ``stop_file``
-    exists, the whole process tree is killed.
+    exists, the whole process tree is killed; a process that ran past ``timeout`` counts
+    as timed out even if it ended on its own before the kill.
     """
     started = time.monotonic()
     log_path = cwd / log_name
@@ -238,10 +244,11 @@ def run_process(
     output = _LogTail(log_path, offset, log)
     pidfd = _exit_handle(proc)
     timed_out = stopped = False
+    deadline = started + timeout
     try:
-        while not _wait_briefly(proc, pidfd):
+        while not _wait_briefly(proc, pidfd, _until(deadline)):
             output.read()
-            if time.monotonic() - started > timeout:
+            if time.monotonic() >= deadline:
                 timed_out = True
             elif stop_file.exists():
                 stopped = True
@@ -256,9 +263,10 @@ def run_process(
         if pidfd is not None:
             os.close(pidfd)
         output.close()
+    wall_seconds = time.monotonic() - started
     return ProcessOutcome(
         returncode=proc.returncode,
-        wall_seconds=time.monotonic() - started,
-        timed_out=timed_out,
+        wall_seconds=wall_seconds,
+        timed_out=timed_out or (not stopped and wall_seconds > timeout),
         stopped=stopped,
     )

@@ -22,7 +22,7 @@ from atomforge.flows.screen import screen
 from atomforge.flows.settings import get_settings
 from atomforge.flows.simulate import simulate
 from atomforge.flows.store.files import iter_results, iter_runs, load_run, query_results
-from tests.conftest import start_screen_process, water_cluster_xyz
+from tests.conftest import WATER_XYZ, start_screen_process, water_cluster_xyz
 
 
 def _artifacts(flow_run_id: str) -> dict[str, object]:
@@ -131,7 +131,6 @@ def test_parse_takes_completed_structures_of_every_chunk_while_the_engines_still
     from atomforge.flows.paths import run_paths
     from atomforge.flows.settings import Settings
     from atomforge.flows.steps import parse_results, prepare_inputs
-    from tests.conftest import WATER_XYZ
 
     settings = Settings(home=tmp_path)
     paths = run_paths(settings, "streaming")
@@ -265,6 +264,18 @@ def test_engine_timeout_kills_the_engine_and_fails_clearly():
         get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
     )[0]
     assert result.status == "timeout" and result.wall_seconds < 10
+
+
+def test_a_timeout_shorter_than_the_engine_run_is_enforced_even_if_it_ends_first():
+    """`--timeout 0.001` on water: xtb needs longer than a millisecond, so it timed out,
+    even when it exits before the first check."""
+    params = make_parameters(engine="xtb", kind="singlepoint", timeout_seconds=0.001)
+    state = asyncio.run(simulate(StructureSource(text=WATER_XYZ), params, return_state=True))
+    assert state.is_failed()
+    (result,) = query_results(
+        get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
+    )
+    assert result.status == "timeout"
 
 
 def test_importing_the_flows_reads_no_settings_and_starts_nothing(tmp_path):
