@@ -14,9 +14,8 @@ import io
 from contextlib import redirect_stdout
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
@@ -24,7 +23,13 @@ from pydantic import Field, field_validator
 
 from atomforge.engines.ase_engine import AseEngine
 from atomforge.engines.errors import InputError
-from atomforge.engines.md_options import MdOptions
+from atomforge.engines.ml_potential import (
+    INSTALL_HINT,
+    MlOptions,
+    absolute_path,
+    require_packages,
+    resolve_device,
+)
 from atomforge.engines.parameters import CalculationKind, CalculationParameters
 
 if TYPE_CHECKING:
@@ -36,10 +41,11 @@ MAX_ATOMIC_NUMBER = 94
 """CHGNet's element embedding covers H to Pu."""
 BATCH_SIZE = 16
 """Structures per forward pass of a batched singlepoint."""
-INSTALL_HINT = "pip install 'atomforge[ml]'"
+PACKAGES = {"torch": "torch", "chgnet": "chgnet"}
+"""What chgnet needs installed: its Python modules and the packages that hold them."""
 
 
-class ChgnetOptions(MdOptions):
+class ChgnetOptions(MlOptions):
     """Options of CHGNet: the model, the device, and the integrator for kind ``md``."""
 
     model: str = Field(
@@ -47,28 +53,12 @@ class ChgnetOptions(MdOptions):
         description="A model shipped with chgnet (0.3.0, 0.2.0, r2scan) or the path of a "
         "CHGNet model file (.pth.tar).",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where the model runs: auto takes a CUDA GPU when torch sees one."
-    )
 
     @field_validator("model")
     @classmethod
     def _absolute_model_path(cls, model: str) -> str:
         """Return a model file's path made absolute (runners work in other folders)."""
-        if model in SHIPPED_MODELS:
-            return model
-        return str(Path(model).expanduser().absolute())
-
-
-def resolve_device(device: str) -> str:
-    """Return the torch device for option ``device``; InputError for cuda without a GPU."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("chgnet: device 'cuda' but torch sees no CUDA GPU (use auto or cpu)")
-    return device
+        return model if model in SHIPPED_MODELS else absolute_path(model)
 
 
 @cache
@@ -107,9 +97,7 @@ class ChgnetEngine(AseEngine):
 
     def check_installed(self, params: CalculationParameters) -> None:
         """Raise InputError when torch or chgnet is missing, or the model file is."""
-        missing = [name for name in ("torch", "chgnet") if find_spec(name) is None]
-        if missing:
-            raise InputError(f"chgnet: {' and '.join(missing)} not installed: {INSTALL_HINT}")
+        require_packages(self.name, PACKAGES)
         model = params.options.model
         if model not in SHIPPED_MODELS and not Path(model).is_file():
             shipped = ", ".join(SHIPPED_MODELS)
@@ -135,7 +123,7 @@ class ChgnetEngine(AseEngine):
         from chgnet.model.dynamics import CHGNetCalculator
 
         opts: ChgnetOptions = params.options
-        device = resolve_device(opts.device)
+        device = resolve_device(self.name, opts.device)
         model = load_model(opts.model, device)
         with redirect_stdout(io.StringIO()):
             return CHGNetCalculator(model=model, use_device=device)
@@ -145,7 +133,7 @@ class ChgnetEngine(AseEngine):
         from pymatgen.io.ase import AseAtomsAdaptor
 
         opts: ChgnetOptions = params.options
-        model = load_model(opts.model, resolve_device(opts.device))
+        model = load_model(opts.model, resolve_device(self.name, opts.device))
         crystals = [AseAtomsAdaptor.get_structure(atoms) for atoms in structures]
         predictions = model.predict_structure(crystals, task="efsm", batch_size=BATCH_SIZE)
         if isinstance(predictions, dict):

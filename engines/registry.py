@@ -28,6 +28,7 @@ BUILTIN_ENGINES = {
     "lammps": "atomforge.engines.lammps:LammpsEngine",
     "vasp": "atomforge.engines.vasp:VaspEngine",
     "chgnet": "atomforge.engines.chgnet:ChgnetEngine",
+    "mace": "atomforge.engines.mace_engine:MaceEngine",
 }
 
 

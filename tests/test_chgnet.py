@@ -257,9 +257,8 @@ def test_md_without_a_temperature_is_refused():
 
 
 def test_missing_ml_extra_is_named_in_one_line(monkeypatch):
-    from atomforge.engines import chgnet
-
-    monkeypatch.setattr(chgnet, "find_spec", lambda name: None)
+    for module in ("torch", "chgnet"):
+        monkeypatch.setitem(sys.modules, module, None)  # how Python marks one unimportable
     with pytest.raises(InputError) as info:
         get_engine("chgnet").check_installed(make_parameters("chgnet"))
     assert str(info.value) == (
@@ -267,10 +266,11 @@ def test_missing_ml_extra_is_named_in_one_line(monkeypatch):
     )
 
 
-def test_importing_atomforge_does_not_import_torch():
+def test_importing_atomforge_does_not_import_torch_nor_mace():
     code = (
         "import sys; from atomforge.engines.registry import engine_classes, make_parameters; "
-        "engine_classes(); make_parameters('chgnet'); print('torch' in sys.modules)"
+        "engine_classes(); make_parameters('chgnet'); make_parameters('mace'); "
+        "print('torch' in sys.modules, 'mace' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "False False", out.stderr
