@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, Field
 
 from atomforge.engines import get_engine
@@ -160,9 +160,10 @@ async def _screen_claim(
     options: RunOptions,
     rank_by: RankKey,
     flow_run_id: str,
-) -> tuple[list[FileOutcome], ScreenReport | None]:
-    """Screen the files of a claim and move each to done/ or failed/; return the outcomes
-    and the ranking (None if no file had a structure to compute)."""
+) -> tuple[list[FileOutcome], ScreenReport | None, str | None]:
+    """Screen the files of a claim and move each to done/ or failed/; return the outcomes,
+    the ranking (None if no file had a structure to compute), and why the screen failed
+    (more of its computed structures failed than the run tolerates), or None."""
     params = parameters.resolve()
     plan = await asyncio.to_thread(_plan, held.files, params)
     outcomes = [
@@ -174,7 +175,7 @@ async def _screen_claim(
     for path, failed in zip(plan.failed, outcomes):
         finish(held, path, failed)
     if not plan.to_screen:
-        return outcomes, None
+        return outcomes, None, None
     title = (
         f"screen-inbox: {len(plan.to_screen)} file(s), {parameters.engine} "
         f"{parameters.kind.value}, ranked by {rank_by}"
@@ -195,7 +196,7 @@ async def _screen_claim(
         n_completed=sum(r.ok for r in ranked),
         results=[RankedStructure.of(result) for result in ranked],
     )
-    return outcomes, report
+    return outcomes, report, None if outcome.ok else outcome.message
 
 
 @flow(name="screen-inbox", **simulation_flow_options())
@@ -205,8 +206,11 @@ async def inbox_screen(
     options: RunOptions = DEFAULT_OPTIONS,
     rank_by: RankKey = "energy_per_atom",
 ) -> State[InboxReport]:
-    """Screen every file waiting in the inbox; return a Completed state whose message says
-    what became of the files and whose result is an :class:`InboxReport`.
+    """Screen every file waiting in the inbox; return a state whose message says what
+    became of the files and whose result is an :class:`InboxReport`: Completed, or Failed
+    when more of the computed structures failed than ``options.max_failed_fraction``
+    (default ``ATOMFORGE_MAX_FAILED_FRACTION``) allows, as for screen. Files that could
+    not be read or held no valid structure go to failed/ and do not count.
 
     Files of runs that died are given back to the inbox first; each file ends in done/ or
     failed/ with its sidecar. If the run itself fails, its files go back to the inbox.
@@ -238,7 +242,7 @@ async def inbox_screen(
         return Completed(message=report.message, data=report)
     logger.info("claimed %d file(s) from %s", len(held.files), queue.root)
     try:
-        report.files, report.screen = await _screen_claim(
+        report.files, report.screen, failure = await _screen_claim(
             held, parameters, options, rank_by, flow_run_id
         )
     except BaseException:
@@ -251,4 +255,7 @@ async def inbox_screen(
         f"{len(report.files)} file(s) from {queue.root}: {n_done} done, "
         f"{len(report.files) - n_done} failed"
     )
+    if failure:
+        report.message += f"; {failure}"
+        return Failed(message=report.message, data=report)
     return Completed(message=report.message, data=report)

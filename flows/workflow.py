@@ -46,13 +46,17 @@ async def workflow_step(
     options: RunOptions = DEFAULT_OPTIONS,
     workflow_run_id: str | None = None,
 ) -> StepReport:
-    """Compute one workflow step's structures; return how many completed."""
+    """Compute one workflow step's structures; return how many completed.
+
+    The step ends Failed, with its counts, when more of its structures failed than
+    ``options.max_failed_fraction`` allows, as a screen does; its workflow then stops.
+    """
     params = parameters.resolve()
     title = f"step {step}: {params.engine} {params.kind.value}"
     lineage = Lineage(workflow_run_id, step) if workflow_run_id else None
     outcome = await run_structures(source, params, options, title, lineage)
     await outcome.publish("workflow-step", title)
-    return StepReport(
+    report = StepReport(
         step=step,
         flow_run_id=str(FlowRunContext.get().flow_run.id),
         engine=params.engine,
@@ -60,6 +64,7 @@ async def workflow_step(
         n_structures=len(outcome.results),
         n_completed=sum(result.ok for result in outcome.results),
     )
+    return outcome.final_state(report)
 
 
 def _step_options(spec: WorkflowSpec, position: int, step: WorkflowStep) -> RunOptions:

@@ -192,6 +192,15 @@ def test_files_end_in_done_or_failed_with_their_results_and_reasons(tmp_path):
     assert [p for p in root.iterdir() if p.is_file()] == [] and _claims(root) == []
 
 
+def test_an_inbox_screen_whose_structures_fail_ends_failed_and_files_its_files(tmp_path):
+    root = tmp_path / "inbox"
+    _drop(root, "H2O", "NH3")
+    state = _screen(root, make_parameters("xtb", kind="singlepoint", timeout_seconds=0.001))
+    assert state.is_failed(), state
+    assert "2 done" not in state.message and "2 of 2 failed" in state.message
+    assert sorted(p.name for p in (root / "failed").glob("*.xyz")) == ["H2O.xyz", "NH3.xyz"]
+
+
 SLOW_XTB = """#!/bin/sh
 sleep 3
 exec xtb "$@"

@@ -157,6 +157,23 @@ def test_structure_failing_a_step_drops_out_and_is_reported(tmp_path):
     assert lines["HF"].last_id.endswith("HF") and report.steps[1].n_completed == 1
 
 
+def test_a_step_past_the_failure_fraction_fails_and_stops_the_workflow(tmp_path):
+    folder = _molecules(tmp_path, ("H2O", "NH3"))
+    spec = parse_spec(
+        {
+            "source": {"path": str(folder)},
+            "steps": [
+                {"name": "pre", "engine": "xtb", "kind": "singlepoint", "timeout_seconds": 0.001},
+                {"name": "next", "engine": "xtb"},
+            ],
+        }
+    )
+    state = asyncio.run(workflow(spec, return_state=True))
+    assert state.is_failed()
+    assert "step 'pre': flow run" in state.message
+    assert "2 of 2 failed, more than max_failed_fraction 0.5 allows" in state.message
+
+
 def test_workflow_fails_when_a_step_has_nothing_left(tmp_path):
     folder = _molecules(tmp_path, ("H2O",))
     spec = parse_spec(
