@@ -11,13 +11,15 @@ from __future__ import annotations
 from functools import cache
 from importlib import import_module
 from importlib.metadata import EntryPoint, entry_points
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationError, create_model
 
-from atomforge.engines.base import Engine
 from atomforge.engines.errors import InputError
 from atomforge.engines.parameters import CalculationParameters
+
+if TYPE_CHECKING:
+    from atomforge.engines.base import Engine
 
 ENTRY_POINT_GROUP = "atomforge.engines"
 BUILTIN_ENGINES = {

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from atomforge.flows.models import StructureResult
+from atomforge.flows.store.records import StructureResult
 
 RankKey = Literal["energy_per_atom", "energy", "gap"]
 RANK_FIELDS: dict[str, str] = {

@@ -14,10 +14,10 @@ from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.status import JobStatus, Status
 from atomforge.engines.structures import read_structure_text, to_extxyz
 from atomforge.flows.jobs import Job, RunContext
-from atomforge.flows.models import StructureResult
 from atomforge.flows.paths import RunPaths
 from atomforge.flows.scheduling.claims import CLAIM_FILE
 from atomforge.flows.store.files import load_plan, load_result, save_result
+from atomforge.flows.store.records import StructureResult
 
 NOT_STARTED = "the run ended before this structure started"
 STOPPED = "the run ended while this structure was running"

@@ -12,13 +12,16 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from atomforge.engines.errors import InputError
-from atomforge.engines.structures import NamedStructure, read_structure_text
-from atomforge.flows.models import RunSummary, StructureResult
 from atomforge.flows.store.index import ResultFilter, index_result, query_index
+from atomforge.flows.store.records import RunSummary, StructureResult
+
+if TYPE_CHECKING:
+    from atomforge.engines.structures import NamedStructure
 
 RUN_FILE = "run.json"
 
@@ -131,7 +134,10 @@ def lineage(root: Path, result: StructureResult) -> list[StructureResult]:
 
 def load_structures(root: Path, refs: list[str]) -> list[NamedStructure]:
     """Return the final structures of the stored results ``refs`` ('flow_run_id/id'), named
-    as they were, each with its ``parent_id``; raise InputError for one not stored."""
+    as they were, each with its ``parent_id``; raise InputError for one not stored.
+    (ASE's readers are imported here, not with the module: reading results needs none.)"""
+    from atomforge.engines.structures import NamedStructure, read_structure_text
+
     structures = []
     for ref in refs:
         flow_run_id, _, result_id = ref.rpartition("/")

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from atomforge.flows.models import StructureResult
 from atomforge.flows.settings import get_settings
+from atomforge.flows.store.records import StructureResult
 
 INDEX_FILE = "index.sqlite"
 COLUMN_TYPES = {

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from atomforge.flows.models import StructureResult
 from atomforge.flows.ranking import RANK_FIELDS, RankKey, rank
+from atomforge.flows.store.records import StructureResult
 
 ALWAYS_PRODUCED = frozenset(
     {"energy_eV", "energy_per_atom_eV", "max_force_eV_per_A", "converged", "n_atoms", "n_steps"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from atomforge.flows.models import StructureResult
+from atomforge.flows.store.records import StructureResult
 
 NOT_SELECTED = "not selected"
 
