@@ -7,6 +7,7 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from atomforge.flows.store.documents import make_result, parse_job, planned_resu
 from atomforge.flows.store.files import load_plan, load_result, save_plan, save_result, save_run
 from atomforge.flows.store.index import find_completed
 from atomforge.flows.store.keys import input_key
-from atomforge.flows.ui import artifacts
+from atomforge.flows.ui import artifacts, plots
 from atomforge.flows.ui.progress import RunProgress
 
 ENGINE_STOP_POLL_SECONDS = 0.1
@@ -372,6 +373,7 @@ async def run_structures(
         reused, jobs = _reuse_stored(jobs, run, reuse)
         for result in resumed + reused:
             progress.advance(result)
+        progress.watch(jobs)
         chunks = balanced_chunks(
             jobs,
             [estimated_cost(job.atoms) for job in jobs],
@@ -401,12 +403,15 @@ async def run_structures(
             results += await _follow(engine_runs, chunks, params, run, progress)
         results.sort(key=lambda result: result.index)
         results.extend(invalid)
+        if single:  # drawn before the working directory that holds its steps may go
+            draw = partial(plots.structure_plots, results[0], results_root / flow_run_id)
+            await artifacts.publish_plots(flow_name, title, draw)
         for result in _clean_workdirs(results, paths.work_dir, settings.keep_workdir):
             save_result(results_root, result)
         await links
     except AtomforgeError as exc:
         _record_ending(summary, results_root, paths, "Failed", str(exc))
-        progress.close_terminal()
+        progress.stop()
         await asyncio.gather(progress.creating, links, return_exceptions=True)
         raise
     except BaseException as exc:

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
+
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -18,6 +21,7 @@ from atomforge.flows.models import (
 from atomforge.flows.pipeline import run_structures
 from atomforge.flows.ranking import RANK_FIELDS, RankedStructure, RankKey, rank
 from atomforge.flows.scheduling.dask_runner import simulation_flow_options
+from atomforge.flows.ui import artifacts, plots
 
 
 class ScreenReport(BaseModel):
@@ -62,7 +66,11 @@ async def screen(
     title = f"screen: {parameters.engine} {parameters.kind.value}, ranked by {rank_by}"
     outcome = await run_structures(source, parameters.resolve(), options, title)
     ranked = rank(outcome.results, rank_by)
-    await outcome.publish("screen", title, ranked, RANK_FIELDS[rank_by])
+    draw = partial(plots.ranking_plots, ranked, RANK_FIELDS[rank_by], outcome.results_dir)
+    await asyncio.gather(
+        outcome.publish("screen", title, ranked, RANK_FIELDS[rank_by]),
+        artifacts.publish_plots("screen", title, draw),
+    )
     report = ScreenReport(
         flow_run_id=ranked[0].flow_run_id if ranked else "",
         rank_by=rank_by,

@@ -104,6 +104,19 @@ class Settings(BaseSettings):
         description="Draw a progress bar on the terminal (the atomforge command turns it "
         "on when its standard error is a terminal).",
     )
+    partial_table_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A run that lasts longer than this shows the results parsed so far as "
+        "a table artifact (<flow>-partial), updated at most once per this many seconds; "
+        "0 turns it off.",
+    )
+    plots: bool = Field(
+        True,
+        description="Draw a run's plots (a screen's ranking, an optimization's energy, an "
+        "MD run's temperature and energy) as PNG files in its results folder and in its "
+        "artifacts.",
+    )
     max_failed_fraction: float = Field(
         0.5,
         ge=0,

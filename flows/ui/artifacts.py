@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.logging import get_run_logger
 
 from atomforge.flows.models import StructureResult
+from atomforge.flows.settings import get_settings
+
+MAX_EMBEDDED_BYTES = 100_000
+"""A plot larger than this is named in the plots artifact, not shown in it."""
 
 COLUMNS = (
     ("formula", "formula", None),
@@ -123,3 +130,37 @@ async def publish(
             description=f"{title}: summary",
         ),
     )
+
+
+def plots_markdown(title: str, paths: list[Path]) -> str:
+    """Return a markdown report showing each plot (a PNG file of at most
+    ``MAX_EMBEDDED_BYTES``, embedded as a data URI: the Prefect UI displays it) above the
+    path of its file, to copy."""
+    lines = [f"## {title}: plots"]
+    for path in paths:
+        data = path.read_bytes()
+        lines.append("")
+        if len(data) <= MAX_EMBEDDED_BYTES:
+            encoded = base64.b64encode(data).decode()
+            lines += [f"![{path.stem}](data:image/png;base64,{encoded})", ""]
+        lines.append(f"`{path}`")
+    return "\n".join(lines)
+
+
+async def publish_plots(key: str, title: str, draw: Callable[[], list[Path]]) -> list[Path]:
+    """Unless ``ATOMFORGE_PLOTS`` is false, draw a run's plots with ``draw`` (in a thread)
+    and publish them as the ``<key>-plots`` markdown artifact; return the paths drawn.
+
+    A plot that cannot be drawn is logged, not raised: the run's results stand."""
+    if not get_settings().plots:
+        return []
+    try:
+        paths = await asyncio.to_thread(draw)
+    except Exception:  # the log says; the results are stored either way
+        get_run_logger().exception("cannot draw the plots of %s", title)
+        return []
+    if paths:
+        await acreate_markdown_artifact(
+            plots_markdown(title, paths), key=f"{key}-plots", description=f"{title}: plots"
+        )
+    return paths
