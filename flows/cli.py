@@ -7,17 +7,20 @@ An engine failure exits with 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NoReturn, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
 from atomforge.engines.errors import AtomforgeError, InputError
-from atomforge.flows import local_server
+from atomforge.flows import interrupt, local_server
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from atomforge.engines.parameters import CalculationParameters
     from atomforge.flows.models import StructureResult, StructureSource
     from atomforge.flows.ranking import RankedStructure
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 
 EXIT_ENGINE_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+T = TypeVar("T")
 EMBEDDED_PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
@@ -221,16 +226,38 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
     return source, params, options
 
 
+def run_flow(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Return what the flow call ``coroutine`` returns; Ctrl-C cancels the run (raising
+    :class:`interrupt.Interrupted`; Dask worker processes leave it to this one, see
+    :mod:`atomforge.flows.worker_preload`). Without a configured Prefect API it runs on
+    Prefect's embedded server, started here under a watchdog (see
+    :mod:`atomforge.flows.embedded_server`).
+    """
+    import dask
+
+    from atomforge.flows.worker_preload import MODULE as WORKER_PRELOAD
+
+    preload = dask.config.get("distributed.worker.preload", [])
+    dask.config.set({"distributed.worker.preload": [*preload, WORKER_PRELOAD]})
+    if local_server.configured_api_url() is None:
+        from atomforge.flows import embedded_server
+
+        try:
+            embedded_server.start()
+        except BaseException:  # Ctrl-C while it starts: the flow never ran
+            coroutine.close()
+            raise
+    return interrupt.run(coroutine)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one structure; print its result. Return the exit code."""
     source, params, options = _prepare(args)
-    import asyncio
-
     from atomforge.flows.settings import get_settings
     from atomforge.flows.simulate import simulate
     from atomforge.flows.store.files import query_results, result_path
 
-    state = asyncio.run(simulate(source, params, options, return_state=True))
+    state = run_flow(simulate(source, params, options, return_state=True))
     results = query_results(
         get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
     )
@@ -249,13 +276,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_screen(args: argparse.Namespace) -> int:
     """Screen every structure of a file or folder; print the ranking. Return the exit code."""
     source, params, options = _prepare(args, args.skip_invalid)
-    import asyncio
-
     from atomforge.flows.screen import screen
     from atomforge.flows.settings import get_settings
     from atomforge.flows.store.files import iter_results
 
-    state = asyncio.run(screen(source, params, options, args.rank_by, return_state=True))
+    state = run_flow(screen(source, params, options, args.rank_by, return_state=True))
     if not state.is_completed():
         print(f"atomforge: error: {state.message}", file=sys.stderr)
         return EXIT_ENGINE_FAILED
@@ -307,8 +332,6 @@ def print_workflow(report: WorkflowReport) -> None:
 
 def cmd_workflow(args: argparse.Namespace) -> int:
     """Run a workflow spec file; print its steps and lines (or every result as JSON)."""
-    import asyncio
-
     from atomforge.flows.paths import writable_roots
     from atomforge.flows.settings import get_settings
     from atomforge.flows.store.files import query_results
@@ -321,7 +344,7 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     _check_workflow(spec)
     from atomforge.flows.workflow import workflow
 
-    state = asyncio.run(workflow(spec, return_state=True))
+    state = run_flow(workflow(spec, return_state=True))
     run_id = str(state.state_details.flow_run_id)
     if args.json:
         root = get_settings().resolved_results_root()
@@ -649,6 +672,13 @@ def server_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(line: str) -> int:
+    """Print ``line`` on stderr, if it is still there; return the exit code of an interrupt."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return its exit code.
 
@@ -678,6 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except interrupt.Interrupted as exc:
+        return _interrupted(exc.line())
+    except KeyboardInterrupt:
+        return _interrupted(f"atomforge: {interrupt.reason() or 'interrupted'}")
     except InputError as exc:
         print(f"atomforge: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -3,7 +3,9 @@
 Hooks may run in the flow's own process or in the worker that supervised it, so they find
 the run's engines through the file system (pid records and a stop file), not memory. They
 also record how the run ended: ``run.json`` in its final state (Cancelled or Crashed) and a
-result document for every structure (see :func:`settle_unfinished`).
+result document for every structure (see :func:`settle_unfinished`). A run of this process
+that Ctrl-C (:mod:`atomforge.flows.interrupt`) stopped crashes in Prefect's eyes: it is
+recorded Cancelled, and its Prefect state set so.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prefect.logging import get_logger
 
 from atomforge.engines.process import kill_recorded
 from atomforge.engines.registry import make_parameters
+from atomforge.flows import interrupt
 from atomforge.flows.jobs import RunContext
 from atomforge.flows.models import RunSummary
 from atomforge.flows.paths import RunPaths, run_paths
@@ -86,7 +89,8 @@ def stop_engines(flow, flow_run, state) -> None:
     except ValueError:
         paths = run_paths(settings, str(flow_run.id))
     killed = stop_run_engines(paths)
-    ending = ending_name(state)
+    why = interrupt.reason()
+    ending = "Cancelled" if why else ending_name(state)
     logger.warning(
         "flow run %s %s: stopped %d engine process(es) %s",
         flow_run.name,
@@ -98,8 +102,13 @@ def stop_engines(flow, flow_run, state) -> None:
     summary = load_run(results_root, str(flow_run.id))
     if summary is not None:
         try:
-            record_ending(summary, results_root, paths, ending, state.message or "")
+            record_ending(summary, results_root, paths, ending, why or state.message or "")
         except Exception:  # a hook must not fail; the log says what went wrong
             logger.exception("flow run %s: cannot record how it ended", flow_run.name)
+    if why:
+        try:
+            interrupt.mark_cancelled(flow_run)
+        except Exception:  # the run stays Crashed in Prefect; the log says why
+            logger.exception("flow run %s: cannot mark it cancelled", flow_run.name)
     if settings.keep_workdir is KeepWorkdir.never:
         shutil.rmtree(paths.work_dir, ignore_errors=True)

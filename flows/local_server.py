@@ -10,7 +10,8 @@ command that runs a flow starts, in the background, one process per atomforge ho
 - imports the flows once, then serves commands on a Unix socket: for each it forks a
   child that takes over the caller's terminal (its stdin, stdout and stderr are passed
   over the socket), working directory, environment and arguments, runs the command
-  against that server, and reports the exit code. The caller forwards Ctrl-C to it.
+  against that server, and reports the exit code. The caller forwards Ctrl-C to it; a
+  child whose caller goes away (``kill -9``) cancels its run as Ctrl-C does.
 
 Later commands find it through ``server.json`` (pid, port, API URL), which a lock keeps
 single when two commands start at once; a stale one (its process gone) is replaced. The
@@ -378,6 +379,24 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), list(fds)
 
 
+CALLER_GONE = "the atomforge command went away"
+
+
+def _end_with_caller(conn: socket.socket) -> None:
+    """Interrupt this process, as Ctrl-C does, once the caller at the other end of ``conn``
+    is gone (it sends nothing after its request: the connection ends with it)."""
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(1):
+                continue
+        from atomforge.flows import interrupt
+
+        interrupt.interrupt(CALLER_GONE)
+
+    threading.Thread(target=wait, name="caller-watch", daemon=True).start()
+
+
 def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> None:
     """Run one command in this forked process as its caller would have; never returns."""
     code = 1
@@ -385,6 +404,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setpgid(0, 0)
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        _end_with_caller(conn)
         sys.stdout.flush()
         sys.stderr.flush()
         for target, fd in enumerate(fds):
@@ -411,6 +431,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
 
         traceback.print_exc()
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
