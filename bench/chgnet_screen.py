@@ -126,6 +126,7 @@ def main() -> None:
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
     os.environ["ATOMFORGE_REUSE"] = "false"  # every round computes
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
+    Path(os.environ["ATOMFORGE_HOME"]).mkdir(parents=True, exist_ok=True)
 
     from atomforge.engines.structures import to_extxyz
     from atomforge.flows.models import StructureSource, make_parameters

@@ -4,7 +4,8 @@ The same work runs twice in one process: through atomforge's ``screen`` flow (em
 Prefect API, local Dask cluster) and through a bare ``multiprocessing.Pool`` that runs the
 same engine with the same settings. Prints both wall times, their ratio and the overhead
 per structure, as medians over ``--repeat`` alternating rounds. Run:
-``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N] [--repeat R]``.
+``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N] [--copies N]
+[--repeat R]`` (``--copies 10``: the 1,190-structure case).
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ def closed_shell_g2() -> list[tuple[str, object]]:
         if atoms.numbers.sum() % 2 == 0 and not atoms.get_initial_magnetic_moments().any():
             molecules.append((name, atoms))
     return molecules
+
+
+def rattled_copies(molecules: list[tuple[str, object]], copies: int) -> list[tuple[str, object]]:
+    """Return (name, Atoms): ``molecules`` themselves for one copy, else ``copies`` copies of
+    each rattled by 0.02 Å with the copy number as seed, named ``<name>-<copy>``."""
+    if copies == 1:
+        return molecules
+    structures = []
+    for copy in range(copies):
+        for name, atoms in molecules:
+            rattled = atoms.copy()
+            rattled.rattle(0.02, seed=copy)
+            structures.append((f"{name}-{copy}", rattled))
+    return structures
 
 
 def bare_xtb(job: tuple[str, str]) -> float:
@@ -80,19 +95,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="xtb", choices=["xtb", "tblite"])
     parser.add_argument("--limit", type=int, default=None, help="only the first N molecules")
+    parser.add_argument(
+        "--copies", type=int, default=1, help="rattled copies of each molecule (1: as they are)"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
     args = parser.parse_args()
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
     os.environ["ATOMFORGE_REUSE"] = "false"  # every round computes
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
+    Path(os.environ["ATOMFORGE_HOME"]).mkdir(parents=True, exist_ok=True)
 
     from atomforge.engines.structures import to_extxyz
     from atomforge.flows.models import StructureSource, make_parameters
     from atomforge.flows.screen import screen
     from atomforge.flows.simulate import simulate
 
-    molecules = closed_shell_g2()[: args.limit]
+    molecules = rattled_copies(closed_shell_g2()[: args.limit], args.copies)
     folder = Path(tempfile.mkdtemp(prefix="g2-", dir=os.environ["ATOMFORGE_HOME"]))
     jobs = []
     for name, atoms in molecules:
@@ -116,7 +135,8 @@ def main() -> None:
 
     n = len(molecules)
     bare_seconds, forge_seconds = median(bare_times), median(forge_times)
-    print(f"molecules: {n} closed-shell G2, engine {args.engine}, {args.workers} workers")
+    copies = f" x {args.copies} rattled copies" if args.copies > 1 else ""
+    print(f"molecules: {n} closed-shell G2{copies}, engine {args.engine}, {args.workers} workers")
     print(f"median of {args.repeat} rounds (min in brackets)")
     print(
         f"bare multiprocessing pool: {bare_seconds:8.2f} s [{min(bare_times):.2f}] "

@@ -25,8 +25,9 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10, help="rattled copies per molecule")
     args = parser.parse_args()
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
+    Path(os.environ["ATOMFORGE_HOME"]).mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
-    from g2_screen import closed_shell_g2
+    from g2_screen import closed_shell_g2, rattled_copies
 
     from atomforge.flows.models import StructureSource, make_parameters
     from atomforge.flows.screen import screen
@@ -34,12 +35,9 @@ def main() -> None:
     from atomforge.flows.store.files import iter_results
 
     frames = []
-    for copy in range(args.copies):
-        for name, atoms in closed_shell_g2():
-            rattled = atoms.copy()
-            rattled.rattle(0.02, seed=copy)
-            rattled.info["name"] = f"{name}-{copy}"
-            frames.append(rattled)
+    for name, atoms in rattled_copies(closed_shell_g2(), args.copies):
+        atoms.info["name"] = name
+        frames.append(atoms)
     source = (
         Path(tempfile.mkdtemp(prefix="g2-copies-", dir=os.environ["ATOMFORGE_HOME"])) / "g2.extxyz"
     )
