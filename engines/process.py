@@ -2,7 +2,9 @@
 
 Every process started here records itself in a pid directory (a JSON file per process),
 so that a cancellation hook running in another process can find and stop it, and it polls
-a stop file so that a stop also works where that hook cannot reach the host.
+a stop file so that a stop also works where that hook cannot reach the host. Its session
+is also told to this process's reaper (:mod:`atomforge.engines.reaper`), which kills what
+is left of it if this process dies first.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from atomforge.engines import reaper
 
 POLL_SECONDS = 0.1
 KILL_GRACE_SECONDS = 3.0
@@ -38,6 +44,36 @@ def _dies_with_owner() -> tuple[str, ...]:
     """
     setpriv = shutil.which("setpriv")
     return (setpriv, "--pdeathsig", "KILL", "--") if setpriv else ()
+
+
+class _Reaper:
+    """This process's reaper, started beside the first engine it runs (and again in a
+    forked child): :meth:`tell` hands it ``+SID`` or ``-SID``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def tell(self, line: str) -> None:
+        """Send ``line`` to the reaper, starting it first if this process has none."""
+        with self.lock:
+            if self.owner != os.getpid() or self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", reaper.MODULE],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    text=True,
+                )
+                self.owner = os.getpid()
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.write(f"{line}\n")
+                self.proc.stdin.flush()
+
+
+_REAPER = _Reaper()
 
 
 @dataclass
@@ -241,6 +277,7 @@ def run_process(
             env={**os.environ, **(env or {})},
         )
     record = _record(proc, argv, pid_dir)
+    _REAPER.tell(f"+{proc.pid}")
     output = _LogTail(log_path, offset, log)
     pidfd = _exit_handle(proc)
     timed_out = stopped = False
@@ -260,6 +297,7 @@ def run_process(
         if proc.poll() is None:
             kill_tree(proc.pid)
         record.unlink(missing_ok=True)
+        _REAPER.tell(f"-{proc.pid}")
         if pidfd is not None:
             os.close(pidfd)
         output.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from atomforge.flows.settings import get_settings
-from tests.conftest import start_simulate_process, water_cluster_xyz
+from tests.conftest import start_simulate_process, use_xtb_wrapper, water_cluster_xyz
 
 
 def _wait_for_engine(control_root: Path, timeout: float = 90) -> dict:
@@ -84,6 +84,37 @@ def test_a_killed_flow_process_takes_its_engines_with_it(tmp_path):
         flow_proc.send_signal(signal.SIGKILL)
         flow_proc.wait(timeout=30)
         assert _gone(record["pid"], timeout=10), "the engine outlived its flow's process"
+    finally:
+        if flow_proc.poll() is None:
+            flow_proc.kill()
+
+
+WRAPPER_WITH_A_CHILD = """#!/bin/sh
+if [ "$1" = "--version" ]; then exec xtb --version; fi
+sleep 300 &
+echo $! > {pid_file}
+wait
+"""
+
+
+def test_a_killed_flow_process_takes_what_its_engine_started_with_it(tmp_path, monkeypatch):
+    """A wrapper script that runs its program without exec: the parent-death signal stops
+    the script only; the reaper kills the rest of its session."""
+    grandchild = tmp_path / "grandchild.pid"
+    use_xtb_wrapper(tmp_path / "xtb", WRAPPER_WITH_A_CHILD.format(pid_file=grandchild), monkeypatch)
+    structure = tmp_path / "water.xyz"
+    structure.write_text(water_cluster_xyz(1))
+    flow_proc = start_simulate_process(tmp_path, structure, engine="xtb")
+    try:
+        deadline = time.monotonic() + 90
+        while not grandchild.exists() or not grandchild.read_text().strip():
+            assert time.monotonic() < deadline and flow_proc.poll() is None, "no engine started"
+            time.sleep(0.1)
+        pid = int(grandchild.read_text())
+        assert psutil.pid_exists(pid)
+        flow_proc.send_signal(signal.SIGKILL)
+        flow_proc.wait(timeout=30)
+        assert _gone(pid, timeout=10), "the wrapper's program outlived its flow's process"
     finally:
         if flow_proc.poll() is None:
             flow_proc.kill()
