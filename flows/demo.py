@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from ase.build import molecule
@@ -24,18 +23,19 @@ def write_demo_set(folder: Path) -> Path:
 
 
 def run_demo() -> int:
-    """Run the water optimization and the screening on the current Prefect API; return 0."""
-    from atomforge.flows.cli import print_results
+    """Run the water optimization and the screening on the current Prefect API (Ctrl-C
+    cancels the run going on, as for run and screen); return 0."""
+    from atomforge.flows.cli import print_results, run_flow
     from atomforge.flows.screen import screen
     from atomforge.flows.simulate import simulate
 
     water = StructureSource(text=to_extxyz(molecule("H2O")))
-    result = asyncio.run(simulate(water, make_parameters(engine="xtb"), RunOptions()))
+    result = run_flow(simulate(water, make_parameters(engine="xtb"), RunOptions()))
     print("\n== water, GFN2-xTB optimization (xtb)")
     print_results([result])
     print("   reference: -5.070544 Eh, gap 14.386 eV (xtb 6.5.1 / tblite 0.8.0)")
     folder = write_demo_set(get_settings().resolved_work_root() / "demo-molecules")
-    report = asyncio.run(screen(StructureSource(path=str(folder)), make_parameters(engine="xtb")))
+    report = run_flow(screen(StructureSource(path=str(folder)), make_parameters(engine="xtb")))
     print(f"\n== screening of {len(DEMO_MOLECULES)} molecules, ranked by {report.rank_by}")
     print_results(report.results)
     print(f"\nresults stored under {get_settings().resolved_results_root()}")
