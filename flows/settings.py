@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         "a table artifact (<flow>-partial), updated at most once per this many seconds; "
         "0 turns it off.",
     )
+    table_rows: int = Field(
+        1000,
+        ge=1,
+        description="Most rows a results table artifact shows: a ranked table its first, a "
+        "table of the results so far the latest. Every result keeps its document "
+        "(atomforge results --run).",
+    )
     plots: bool = Field(
         True,
         description="Draw a run's plots (a screen's ranking, an optimization's energy, an "

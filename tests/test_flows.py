@@ -362,6 +362,20 @@ def test_a_failed_structure_logs_its_last_engine_lines(tmp_path):
     assert tail == [line for line in written if line.strip()][-len(tail) :]
 
 
+def test_a_big_screens_table_shows_its_first_rows_and_says_so(monkeypatch):
+    """A 10,000-structure table (3.4 MB) is more than the UI (and Prefect's event bus, which
+    refuses it) takes: the table holds the ranking's first ATOMFORGE_TABLE_ROWS."""
+    monkeypatch.setenv("ATOMFORGE_TABLE_ROWS", "2")
+    three = WATER_XYZ + WATER_XYZ.replace("water", "w2") + WATER_XYZ.replace("water", "w3")
+    report = asyncio.run(
+        screen(StructureSource(text=three), make_parameters(engine="emt", kind="singlepoint"))
+    )
+    table = _artifacts(report.flow_run_id)["screen-table"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["rank"] for row in rows] == [1, 2]
+    assert table.description.endswith("the first 2 of 3")
+
+
 def test_results_table_puts_the_ranking_column_after_the_name_and_keeps_numbers():
     from atomforge.engines.status import Status
     from atomforge.flows.models import StructureResult

@@ -118,11 +118,15 @@ async def publish(
     results_dir: Path,
     rank_by: str | None = None,
 ) -> None:
-    """Publish the results table (ranked by the field ``rank_by``, if given) and the
-    markdown summary."""
+    """Publish the results table (ranked by the field ``rank_by``, if given; its first
+    ``ATOMFORGE_TABLE_ROWS``) and the markdown summary."""
+    shown = results[: get_settings().table_rows]
+    description = f"{title}: results" + (
+        f", the first {len(shown)} of {len(results)}" if len(shown) < len(results) else ""
+    )
     await asyncio.gather(
         acreate_table_artifact(
-            result_rows(results, rank_by), key=f"{key}-table", description=f"{title}: results"
+            result_rows(shown, rank_by), key=f"{key}-table", description=description
         ),
         acreate_markdown_artifact(
             markdown_summary(title, results, results_dir),

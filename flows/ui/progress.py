@@ -167,10 +167,12 @@ class RunProgress:
     async def _write_table(self) -> None:
         """Create the table of the results parsed so far, or update it in place."""
         results = list(self.results)
-        rows = result_rows(results)
+        rows = result_rows(results[-get_settings().table_rows :])
         self.last_table = time.monotonic()
         self.table_rows = len(results)
         description = f"{self.title}: results so far, {len(results)} of {self.total}"
+        if len(rows) < len(results):
+            description += f" (the latest {len(rows)} shown)"
         if self.table_id is None:
             self.table_id = await acreate_table_artifact(
                 rows, key=f"{self.key}-partial", description=description
