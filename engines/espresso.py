@@ -1,8 +1,7 @@
 """The ``espresso`` engine: Quantum ESPRESSO's pw.x (plane waves, pseudopotentials).
 
-Template: ASE's ``write_espresso_in`` writes ``espresso.pwi`` and ASE's
-``read_espresso_out`` reads ``espresso.pwo`` (pw.x's standard output, which the run loop
-appends to, so every check here looks at the last pw.x run in it). Profile:
+Template: ASE's ``write_espresso_in`` writes ``espresso.pwi``; pw.x's output,
+``espresso.pwo``, is read by :mod:`atomforge.engines.espresso_output`. Profile:
 :class:`EspressoProfile` says which pw.x and which pseudopotential folder.
 
 Pseudopotentials: pw.x refuses pseudopotentials of different functionals in one input
@@ -20,15 +19,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import tempfile
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from ase import Atoms
-from ase.io import read, write
+from ase.io import write
 from ase.units import Bohr, Ry
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,12 +40,23 @@ from atomforge.engines.base import (
     Problem,
 )
 from atomforge.engines.errors import InputError
+from atomforge.engines.espresso_output import (
+    OUTPUT_FILE,
+    band_gap,
+    bfgs_steps,
+    last_float,
+    last_printed_geometry,
+    last_run,
+    output_problem,
+    pw_version,
+    read_last,
+    site_moments,
+)
 from atomforge.engines.mpi import MpiProfile
 from atomforge.engines.parameters import CalculationKind, CalculationParameters
 from atomforge.engines.status import JobStatus
 
 INPUT_FILE = "espresso.pwi"
-OUTPUT_FILE = "espresso.pwo"
 DEFAULT_KSPACING = 0.1
 """k-point spacing (1/Å, ASE's convention without 2π) when neither kpts nor kspacing is set."""
 RESCALE_MAGMOM = 10.0
@@ -72,7 +79,6 @@ DEFAULT_PSEUDOPOTENTIALS = {
     "Ti": "Ti.pz-sp-van_ak.UPF",
 }
 """One LDA (pz) pseudopotential per element, all in /usr/share/espresso/pseudo."""
-GAP_LINE = r"highest occupied, lowest unoccupied level \(ev\):\s*(\S+)\s+(\S+)"
 FUNCTIONALS = ("pz", "pbesol", "pbe", "blyp", "tpss")
 SMEARINGS = Literal["gaussian", "mp", "mv", "cold", "fd", "m-p", "m-v", "f-d"]
 
@@ -175,71 +181,10 @@ class SmallerMixing(Handler):
         )
 
 
-@cache
-def _pw_version(command: str) -> str:
-    """Return the version pw.x prints on start, e.g. ``6.7MaX``.
-
-    pw.x is started without input in a scratch folder: it prints its banner, then fails
-    and leaves CRASH and input_tmp.in files there.
-    """
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            out = subprocess.run(
-                [command],
-                input="",
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-                cwd=scratch,
-            ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    match = re.search(r"Program PWSCF\s*v\.(\S+)", out)
-    return match.group(1) if match else "unknown"
-
-
-def _last_run(text: str) -> str:
-    """Return the output of the last pw.x run in ``text`` (the run loop appends reruns)."""
-    return text[text.rfind("Program PWSCF") :]
-
-
-def _last_float(pattern: str, text: str) -> float | None:
-    """Return the number of the last match of ``pattern`` in ``text``, or None."""
-    found = re.findall(pattern, text)
-    return float(found[-1]) if found else None
-
-
-def _site_moments(run: str, n_atoms: int) -> np.ndarray | None:
-    """Return the last per-site moments (μB) of ``run``, or None without spin.
-
-    pw.x 6.7 prints ``atom: 1 charge: 6.48 magn: 1.95 constr: 0.00``; ASE takes the last
-    column, which is the constraint, so the ``magn`` column is read here.
-    """
-    block = run.rpartition("Magnetic moment per site")[2]
-    moments = re.findall(r"magn:\s*(\S+)", block)[:n_atoms]
-    return np.array(moments, dtype=float) if len(moments) == n_atoms else None
-
-
 def _functional(filename: str) -> str | None:
     """Return the functional family a pseudopotential file name says (``pz``, ``pbe``)."""
     tags = filename.partition(".")[2].lower().removeprefix("rel-")
     return next((f for f in FUNCTIONALS if re.match(rf"{f}\b", tags)), None)
-
-
-def _scf_problem(run: str) -> Problem | None:
-    """Return ``scf_not_converged`` if the last SCF of ``run`` stopped short of conv_thr."""
-    if "convergence NOT achieved" in run:
-        steps = re.findall(r"convergence NOT achieved after\s+(\d+)", run)
-        return Problem("scf_not_converged", f"pw.x: SCF not converged in {steps[-1]} iterations")
-    accuracy = _last_float(r"estimated scf accuracy\s*<\s*(\S+) Ry", run)
-    threshold = _last_float(r"convergence threshold\s*=\s*(\S+)", run)
-    if accuracy is not None and threshold is not None and accuracy > threshold:
-        return Problem(
-            "scf_not_converged",
-            f"pw.x: SCF not converged (accuracy {accuracy:.2e} Ry > conv_thr {threshold:.0e})",
-        )
-    return None
 
 
 class EspressoEngine(Engine):
@@ -362,76 +307,43 @@ class EspressoEngine(Engine):
     ) -> Problem | None:
         """Return a pw.x error, an unconverged SCF, or an optimization out of steps."""
         path = directory / OUTPUT_FILE
-        run = _last_run(path.read_text(errors="replace")) if path.exists() else ""
-        error = re.search(r"Error in routine\s+(\S+ \(\d+\)):\s*\n\s*(.*)", run)
-        if error:
-            return Problem("pw_error", f"pw.x: error in {error[1]}: {error[2].strip()}")
-        scf = _scf_problem(run)
-        if scf is not None:
-            return scf
-        if "The maximum number of steps has been reached." in run:
-            return Problem(
-                "optimization_not_converged",
-                f"pw.x: optimization not converged in {params.max_steps} steps",
-            )
-        return None
-
-    def _read_last(self, directory: Path) -> tuple[Atoms, str]:
-        """Return the last computed structure of the output (ASE's reader) and its last run."""
-        path = directory / OUTPUT_FILE
-        run = _last_run(path.read_text(errors="replace"))
-        problem = _scf_problem(run)
-        if problem is not None:
-            raise ValueError(problem.message)
-        try:
-            atoms = read(path, format="espresso-out", index=-1)
-        except (AssertionError, IndexError) as exc:
-            raise ValueError(f"pw.x output unreadable: {exc!r}") from None
-        return atoms, run
+        run = last_run(path.read_text(errors="replace")) if path.exists() else ""
+        return output_problem(run, params.max_steps)
 
     def last_geometry(self, directory: Path, params: CalculationParameters) -> Atoms | None:
         """Return the last geometry (and cell) an optimization reached, or None.
 
         That is the one BFGS printed last, computed or not: a restart goes on from there.
         """
-        path = directory / OUTPUT_FILE
-        try:
-            atoms = read(path, format="espresso-out", index=-1, results_required=False)
-        except (OSError, ValueError, AssertionError, IndexError):
-            return None
-        atoms.calc = None
-        return atoms
+        return last_printed_geometry(directory / OUTPUT_FILE)
 
     def read_results(self, directory: Path, params: CalculationParameters) -> EngineResults:
         """Return energy, forces, stress, moments, Fermi level, gap and final structure.
 
         Raises ValueError for an output whose last SCF did not converge.
         """
-        atoms, run = self._read_last(directory)
+        atoms, run = read_last(directory / OUTPUT_FILE)
         calc = atoms.calc
         results = calc.results
-        edges = re.findall(GAP_LINE, run)
         optimizing = params.kind is CalculationKind.optimize
-        steps = [int(n) for n in re.findall(r"(\d+) bfgs steps", run)]
-        steps += [int(n) for n in re.findall(r"number of bfgs steps\s*=\s*(\d+)", run)]
         atoms.calc = None
         return EngineResults(
             energy=float(results["energy"]),
             atoms=atoms,
             forces=results.get("forces"),
             stress=results.get("stress"),
-            magmoms=_site_moments(run, len(atoms)),
-            magmom=_last_float(r"total magnetization\s*=\s*(\S+)", run),
+            magmoms=site_moments(run, len(atoms)),
+            magmom=last_float(r"total magnetization\s*=\s*(\S+)", run),
             fermi_level=calc.get_fermi_level(),
-            gap=float(edges[-1][1]) - float(edges[-1][0]) if edges else None,
+            gap=band_gap(run),
             converged="bfgs converged" in run if optimizing else None,
-            n_steps=max(steps, default=0) if optimizing else None,
+            n_steps=bfgs_steps(run) if optimizing else None,
             properties={
                 "pseudopotentials": self.pseudopotentials(atoms, params.options),
-                "scf_accuracy_Ry": _last_float(r"estimated scf accuracy\s*<\s*(\S+) Ry", run),
+                "scf_accuracy_Ry": last_float(r"estimated scf accuracy\s*<\s*(\S+) Ry", run),
             },
         )
 
     def version(self) -> str:
         """Return the pw.x version, e.g. ``6.7MaX``."""
-        return _pw_version(self.profile.command)
+        return pw_version(self.profile.command)
