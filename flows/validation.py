@@ -32,14 +32,18 @@ class ValidatedInput:
 def validate_structure(
     structure: NamedStructure, params: CalculationParameters, engine: Engine, min_distance: float
 ) -> None:
-    """Raise InputError unless ``engine`` can compute ``structure`` with ``params``."""
-    check_geometry(structure.atoms, structure.name, min_distance)
-    if engine.supports_charge:
-        check_electrons(structure.atoms, params.charge, params.multiplicity, structure.name)
+    """Raise InputError unless ``engine`` can compute ``structure`` with ``params``.
+
+    The engine's own checks (kinds, size limit, elements) come first: they are cheap, and a
+    structure too large for the engine is refused before its geometry is looked at.
+    """
     try:
         engine.check(structure.atoms, params)
     except InputError as exc:
         raise InputError(f"{structure.name}: {exc}") from None
+    check_geometry(structure.atoms, structure.name, min_distance)
+    if engine.supports_charge:
+        check_electrons(structure.atoms, params.charge, params.multiplicity, structure.name)
 
 
 def check_input_path(path: str, settings: Settings) -> None:
