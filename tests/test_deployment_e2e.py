@@ -122,8 +122,18 @@ def test_a_deployment_parameter_cannot_read_a_system_file(stack):
     assert "root:" not in json.dumps(api_get(env, f"/flow_runs/{flow_run_id}"))
 
 
+def _engines_under(home: Path, name: str) -> list[psutil.Process]:
+    """Return the ``name`` processes working under ``home`` (not those of other runs)."""
+    found = []
+    for process in psutil.process_iter(["name", "cwd"]):
+        cwd = process.info["cwd"]
+        if process.info["name"] == name and cwd and Path(cwd).is_relative_to(home):
+            found.append(process)
+    return found
+
+
 def test_concurrent_runs_share_the_machine_without_oversubscribing_it(stack, tmp_path):
-    env, _ = stack
+    env, home = stack
     clusters = tmp_path / "clusters"
     clusters.mkdir()
     for i in range(8):
@@ -141,8 +151,7 @@ def test_concurrent_runs_share_the_machine_without_oversubscribing_it(stack, tmp
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         states = [api_get(env, f"/flow_runs/{run}")["state"]["type"] for run in runs]
-        engines = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "xtb"]
-        most = max(most, len(engines))
+        most = max(most, len(_engines_under(home, "xtb")))
         if all(state in {"COMPLETED", "FAILED", "CRASHED"} for state in states):
             break
         time.sleep(0.1)
