@@ -220,6 +220,15 @@ def interrupt(command: Command, log: Path) -> tuple[int, float, str]:
     return code, time.monotonic() - began, command.stderr()[before:]
 
 
+def _cancelled_in_one_line(code: int, seconds: float, said: str) -> str:
+    """Assert the command exited 130 in time with its one line; return the run id it names."""
+    assert code == 130, said
+    assert seconds < EXIT_SECONDS
+    lines = said.splitlines()
+    assert len(lines) == 1 and INTERRUPTED.fullmatch(lines[0]), said
+    return INTERRUPTED.fullmatch(lines[0]).group(1)
+
+
 @pytest.mark.parametrize("worker_processes", ["false", "true"])
 def test_ctrl_c_on_an_embedded_screen_cancels_its_run_and_stops_its_server_and_engines(
     tmp_path, slow_xtb, embedded_env, worker_processes
@@ -236,11 +245,7 @@ def test_ctrl_c_on_an_embedded_screen_cancels_its_run_and_stops_its_server_and_e
         code, seconds, said = interrupt(command, slow_xtb)
     finally:
         command.close()
-    assert code == 130, said
-    assert seconds < EXIT_SECONDS
-    lines = said.splitlines()
-    assert len(lines) == 1 and INTERRUPTED.fullmatch(lines[0]), said
-    run_id = INTERRUPTED.fullmatch(lines[0]).group(1)
+    run_id = _cancelled_in_one_line(code, seconds, said)
     assert wait_until(lambda: not engines_left(slow_xtb)), engines_left(slow_xtb)
     assert wait_until(lambda: not alive(servers)), alive(servers)
     assert run_state(env, run_id) == "Cancelled"
@@ -278,11 +283,7 @@ def test_ctrl_c_on_a_screen_in_the_local_server_cancels_its_run_and_stops_its_en
         code, seconds, said = interrupt(command, slow_xtb)
     finally:
         command.close()
-    assert code == 130, said
-    assert seconds < EXIT_SECONDS
-    lines = said.splitlines()
-    assert len(lines) == 1 and INTERRUPTED.fullmatch(lines[0]), said
-    run_id = INTERRUPTED.fullmatch(lines[0]).group(1)
+    run_id = _cancelled_in_one_line(code, seconds, said)
     assert wait_until(lambda: not engines_left(slow_xtb)), engines_left(slow_xtb)
     assert run_state(env, run_id) == "Cancelled"
     assert local_prefect_state(env, run_id) == "CANCELLED"
