@@ -6,7 +6,11 @@ auth, the work pool with its priority queues and the deployments, and a process 
 reports each part and exits 1 if one is down; ``down`` stops them in reverse order; ``env``
 prints the two variables a client (``prefect``, ``atomforge``, a second worker) needs.
 Everything lives in ``ATOMFORGE_SERVICE_DIR``: PostgreSQL's data folder, the generated
-passwords (mode 600), pid files and logs.
+passwords (mode 600), pid files, logs and the warm executor's socket.
+
+The worker's runs start in the warm executor (:mod:`atomforge.deployments.warm_exec`),
+which this command starts with the worker and stops with it: the pool's job template runs
+:mod:`atomforge.deployments.warm_client` instead of ``python -m prefect.engine``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import base64
 import glob
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,6 +34,9 @@ from pathlib import Path
 import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from atomforge.deployments import warm_client, warm_exec
+from atomforge.deployments.api_trust import unused_ca
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "atomforge-process"
@@ -67,6 +75,17 @@ class ServiceSettings(BaseSettings):
         description="Most flow runs at once in the pool (its concurrency limit).",
     )
     worker_health_port: int = Field(8080, description="Port of the worker's health check.")
+    worker_query_seconds: float = Field(
+        0.25,
+        gt=0,
+        description="How often the worker asks the server for runs to start "
+        "(PREFECT_WORKER_QUERY_SECONDS): a run waits half of it on average.",
+    )
+    warm: bool = Field(
+        True,
+        description="Start runs in the warm executor (False: each run starts its own "
+        "`python -m prefect.engine`).",
+    )
 
     @property
     def api_url(self) -> str:
@@ -305,6 +324,7 @@ def set_up_pool(settings: ServiceSettings) -> None:
             client.patch(f"/work_pools/{POOL}", json=limit).raise_for_status()
         else:
             created.raise_for_status()
+        _set_run_command(client, warm_command(settings) if settings.warm else None)
         cores = {"name": CORES_LIMIT, "limit": os.cpu_count() or 1}
         made = client.post("/v2/concurrency_limits/", json=cores)
         if made.status_code == 409:
@@ -329,14 +349,72 @@ def set_up_pool(settings: ServiceSettings) -> None:
         raise ServiceError(f"prefect deploy failed: {deployed.stderr.decode()[-500:]}")
 
 
+def warm_socket(settings: ServiceSettings) -> Path:
+    """Return the path of the warm executor's socket."""
+    return settings.dir / "warm.sock"
+
+
+def warm_command(settings: ServiceSettings) -> str:
+    """Return the command the pool's job template runs for each flow run: the warm
+    executor's client (it runs ``python -m prefect.engine`` itself when none answers)."""
+    client = Path(warm_client.__file__).resolve()
+    return shlex.join([sys.executable, "-I", "-S", str(client), str(warm_socket(settings))])
+
+
+def _set_run_command(client: httpx.Client, command: str | None) -> None:
+    """Make ``command`` the default command of the pool's job template (None: Prefect's)."""
+    pool = client.get(f"/work_pools/{POOL}")
+    pool.raise_for_status()
+    template = pool.json()["base_job_template"]
+    if not template.get("variables"):
+        from prefect.workers.process import ProcessWorker
+
+        template = ProcessWorker.get_default_base_job_template()
+    variable = template["variables"]["properties"]["command"]
+    if variable.get("default") != command:
+        variable["default"] = command
+        update = {"base_job_template": template}
+        client.patch(f"/work_pools/{POOL}", json=update).raise_for_status()
+
+
+def worker_env(settings: ServiceSettings) -> dict[str, str]:
+    """Return the environment of the worker and of the warm executor (its runs'
+    ``PREFECT_*`` settings must match those the executor imported Prefect with); its
+    Prefect clients load a one-certificate file, not the CA bundle (the API is plain
+    HTTP: see :mod:`atomforge.deployments.api_trust`)."""
+    env = os.environ | client_env(settings)
+    if "PREFECT_API_SSL_CERT_FILE" not in env:
+        env["PREFECT_API_SSL_CERT_FILE"] = str(unused_ca(settings.dir / "api-no-tls.pem"))
+    env["PREFECT_WORKER_WEBSERVER_PORT"] = str(settings.worker_health_port)
+    env["PREFECT_WORKER_QUERY_SECONDS"] = str(settings.worker_query_seconds)
+    env.setdefault("ATOMFORGE_CORES_LIMIT", CORES_LIMIT)
+    return env
+
+
+def start_warm(settings: ServiceSettings) -> None:
+    """Start the warm executor, and wait until it listens."""
+    path = warm_socket(settings)
+    if len(str(path).encode()) > 107:
+        raise ServiceError(f"the socket path {path} is too long: set ATOMFORGE_SERVICE_DIR")
+    if _pid(settings, "warm") is None:
+        path.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", warm_exec.MODULE, str(path)]
+        _start(settings, "warm", argv, worker_env(settings))
+    _wait_for(
+        lambda: path.exists() or _pid(settings, "warm") is None,
+        "the warm executor",
+        settings.dir / "warm.log",
+    )
+    if _pid(settings, "warm") is None:
+        raise ServiceError(f"the warm executor ended: see {settings.dir / 'warm.log'}")
+
+
 def start_worker(settings: ServiceSettings) -> None:
     """Start a process worker on the pool with Prefect's health check, and wait for it."""
     if _pid(settings, "worker") is None:
-        env = os.environ | client_env(settings)
-        env["PREFECT_WORKER_WEBSERVER_PORT"] = str(settings.worker_health_port)
-        env.setdefault("ATOMFORGE_CORES_LIMIT", CORES_LIMIT)
         argv = [_prefect(), "worker", "start", "--pool", POOL, "--with-healthcheck"]
-        _start(settings, "worker", [*argv, "--limit", str(settings.worker_limit)], env)
+        argv += ["--limit", str(settings.worker_limit)]
+        _start(settings, "worker", argv, worker_env(settings))
     _wait_for(
         lambda: _healthy(f"http://127.0.0.1:{settings.worker_health_port}/health"),
         "the worker",
@@ -351,12 +429,18 @@ def up(settings: ServiceSettings) -> None:
     start_postgres(settings)
     start_server(settings)
     set_up_pool(settings)
+    if settings.warm:
+        start_warm(settings)
     start_worker(settings)
 
 
 def down(settings: ServiceSettings) -> list[str]:
-    """Stop the worker, the server and PostgreSQL; return the names of those that ran."""
-    stopped = [name for name in ("worker", "server") if _stop(settings, name)]
+    """Stop the worker with its warm executor, the server and PostgreSQL; return the
+    names of those that ran."""
+    worker = _stop(settings, "worker")
+    warm = _stop(settings, "warm")
+    stopped = ["worker"] if worker or warm else []
+    stopped += ["server"] if _stop(settings, "server") else []
     return stopped + (["postgres"] if stop_postgres(settings) else [])
 
 
@@ -375,7 +459,11 @@ def status(settings: ServiceSettings) -> list[Part]:
     pool = f"{POOL}: queues " + ", ".join(f"{name} ({p})" for p, name in queues)
     parts.append(Part("pool", bool(queues), pool if queues else f"{POOL}: not found"))
     worker = _healthy(f"http://127.0.0.1:{settings.worker_health_port}/health")
-    parts.append(Part("worker", worker, f"health check on :{settings.worker_health_port}"))
+    detail = f"health check on :{settings.worker_health_port}"
+    warm = _pid(settings, "warm")
+    if settings.warm:
+        detail += f", warm executor pid {warm}" if warm else ", warm executor DOWN"
+    parts.append(Part("worker", worker and (warm is not None or not settings.warm), detail))
     return parts
 
 

@@ -26,7 +26,6 @@ This module imports the standard library only: it is what a command imports firs
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import hashlib
@@ -34,7 +33,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -46,12 +44,20 @@ from pathlib import Path
 
 import tomllib
 
+from atomforge.deployments.warm_client import (
+    read_line,
+    recv_request,
+    same_user,
+    send_line,
+    send_request,
+    standard_fds,
+)
+
 FLOW_COMMANDS = frozenset({"run", "screen", "workflow", "demo"})
 """The commands that run flows: these go to the local server."""
 PACKAGE = Path(__file__).resolve().parents[1]
 START_TIMEOUT_SECONDS = 180.0
 """How long a command waits for a starting server (a new database takes ~15 s to create)."""
-MAX_REQUEST_BYTES = 16 << 20
 HEALTH_POLL_SECONDS = 0.05
 MARKER = "atomforge.flows.local_server"
 """What the server's command line holds: a recorded pid running anything else is stale."""
@@ -284,33 +290,6 @@ def _exists(pid: int) -> bool:
         return False
 
 
-def _read_line(sock: socket.socket, buffer: bytearray) -> dict | None:
-    """Return the next JSON line from ``sock`` (None at its end)."""
-    while b"\n" not in buffer:
-        try:
-            chunk = sock.recv(4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            return None
-        buffer.extend(chunk)
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return json.loads(line)
-
-
-def _standard_fds() -> list[int]:
-    """Return this process's stdin, stdout and stderr descriptors (/dev/null for a closed one)."""
-    fds = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
-            fds.append(os.open(os.devnull, os.O_RDWR))
-    return fds
-
-
 def forward(argv: list[str], env: Mapping[str, str] = os.environ) -> int | None:
     """Run the command ``argv`` in the local server; return its exit code.
 
@@ -324,11 +303,10 @@ def forward(argv: list[str], env: Mapping[str, str] = os.environ) -> int | None:
         wait_healthy(state)
         return None
     sock = _connect(state, START_TIMEOUT_SECONDS)
-    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(env)}).encode()
-    socket.send_fds(sock, [struct.pack("!I", len(request))], _standard_fds())
-    sock.sendall(request)
+    request = {"argv": argv, "cwd": os.getcwd(), "env": dict(env)}
+    send_request(sock, request, standard_fds())
     buffer = bytearray()
-    started = _read_line(sock, buffer)
+    started = read_line(sock, buffer)
     if started is None:
         log = home(env) / "server.log"
         print(f"atomforge: error: the local server ended; see {log}", file=sys.stderr)
@@ -341,7 +319,7 @@ def forward(argv: list[str], env: Mapping[str, str] = os.environ) -> int | None:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, relay)
-    finished = _read_line(sock, buffer)
+    finished = read_line(sock, buffer)
     if finished is None:
         print("atomforge: error: the command's process ended without an exit code", file=sys.stderr)
         return 1
@@ -358,25 +336,6 @@ def wait_healthy(state: ServerState, timeout: float = START_TIMEOUT_SECONDS) -> 
 
 
 # --- the server side -----------------------------------------------------------------
-
-
-def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
-    """Return a command request and the caller's three standard file descriptors."""
-    fds = array.array("i")
-    head, ancillary, _, _ = conn.recvmsg(4, socket.CMSG_LEN(3 * fds.itemsize))
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    (size,) = struct.unpack("!I", head)
-    if size > MAX_REQUEST_BYTES or len(fds) != 3:
-        raise ValueError("bad request")
-    body = bytearray()
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ValueError("short request")
-        body.extend(chunk)
-    return json.loads(body), list(fds)
 
 
 CALLER_GONE = "the atomforge command went away"
@@ -403,7 +362,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setpgid(0, 0)
-        conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        send_line(conn, {"pid": os.getpid()})
         _end_with_caller(conn)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -436,7 +395,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
             sys.stdout.flush()
             sys.stderr.flush()
         with contextlib.suppress(OSError):
-            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            send_line(conn, {"exit": code})
         os._exit(code if isinstance(code, int) else 1)
 
 
@@ -628,11 +587,10 @@ def _serve_commands(folder: Path, listener: socket.socket, server: int, api_url:
         except TimeoutError:
             continue
         with conn:
-            peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            if struct.unpack("3i", peer)[1] != os.getuid():
+            if not same_user(conn):
                 continue
             try:
-                request, fds = _recv_request(conn)
+                request, fds = recv_request(conn)
             except (OSError, ValueError) as exc:
                 print(f"refused a request: {exc}", flush=True)
                 continue

@@ -116,6 +116,26 @@ def api_get(env: dict[str, str], path: str) -> dict:
     return response.json()
 
 
+def api_post(env: dict[str, str], path: str, body: dict) -> dict:
+    """Return the JSON the API of ``env`` answers to POST ``path`` with ``body`` (with its
+    auth, and the CSRF token a service's server asks for)."""
+    with httpx.Client(base_url=env["PREFECT_API_URL"], auth=_auth(env), timeout=10) as client:
+        csrf = client.get("/csrf-token", params={"client": "tests"})
+        if csrf.status_code == 200:
+            token = csrf.json()["token"]
+            client.headers.update({"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": "tests"})
+        response = client.post(path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+
+def create_deployment_run(env: dict[str, str], name: str, **body) -> str:
+    """Create a run of deployment ``name`` through the API, as ``run_deployment`` does (the
+    ``create_flow_run`` body: parameters, job_variables, ...); return the flow run id."""
+    deployment = api_get(env, f"/deployments/name/{name}")
+    return api_post(env, f"/deployments/{deployment['id']}/create_flow_run", body)["id"]
+
+
 def run_deployment_cli(env: dict[str, str], name: str, **params) -> str:
     """Start deployment ``name`` with `prefect deployment run`; return the flow run id."""
     args = ["deployment", "run", name]
