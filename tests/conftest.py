@@ -52,11 +52,16 @@ def water_cluster_xyz(side: int = 4, spacing: float = 3.1) -> str:
 FLOW_SCRIPT = """
 import asyncio
 import json
+import os
 import sys
 from atomforge.flows.models import make_parameters, StructureSource
 from atomforge.flows.{flow} import {flow}
 
 if __name__ == "__main__":
+    if not os.environ.get("PREFECT_API_URL"):
+        from atomforge.flows import embedded_server
+
+        embedded_server.start()
     params = make_parameters(**json.loads(sys.argv[2]))
     asyncio.run({flow}(StructureSource(path=sys.argv[1]), params))
 """
