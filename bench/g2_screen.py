@@ -1,9 +1,10 @@
 """Benchmark: screen the closed-shell G2 molecules with GFN2-xTB optimization.
 
-The same work runs twice in one process: through atomforge's ``screen`` flow (embedded
-Prefect API, local Dask cluster) and through a bare ``multiprocessing.Pool`` that runs the
-same engine with the same settings. Prints both wall times, their ratio and the overhead
-per structure, as medians over ``--repeat`` alternating rounds. Run:
+The same work runs twice in one process: through atomforge's ``screen`` flow (the embedded
+Prefect API the ``atomforge`` command starts, local Dask cluster) and through a bare
+``multiprocessing.Pool`` that runs the same engine with the same settings. Prints both
+wall times, their ratio and the overhead per structure, as medians over ``--repeat``
+alternating rounds. Run:
 ``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N] [--copies N]
 [--repeat R]`` (``--copies 10``: the 1,190-structure case).
 """
@@ -107,10 +108,12 @@ def main() -> None:
     Path(os.environ["ATOMFORGE_HOME"]).mkdir(parents=True, exist_ok=True)
 
     from atomforge.engines.structures import to_extxyz
+    from atomforge.flows import embedded_server
     from atomforge.flows.models import StructureSource, make_parameters
     from atomforge.flows.screen import screen
     from atomforge.flows.simulate import simulate
 
+    embedded_server.start()  # as `atomforge screen` with ATOMFORGE_LOCAL_SERVER=false
     molecules = rattled_copies(closed_shell_g2()[: args.limit], args.copies)
     folder = Path(tempfile.mkdtemp(prefix="g2-", dir=os.environ["ATOMFORGE_HOME"]))
     jobs = []

@@ -3,16 +3,29 @@
 Every Prefect client builds a TLS context with the whole CA bundle (``certifi``: 117
 certificates, 25-75 ms on the 2-core VM) even for an ``http://`` API, and a flow run
 creates about 15 clients, its worker 3 more: about half a second of each run. The
-service's API is plain HTTP on loopback, so its worker and warm executor get
-``PREFECT_API_SSL_CERT_FILE`` = a certificate made here for nothing else (its key is
-thrown away): it loads in about 2 ms. Were the API ever served over TLS, its clients would
-refuse it (no server holds that key) until the variable names the right CA.
+service's API, the local server's and the embedded one are plain HTTP on loopback, so the
+processes that use them get ``PREFECT_API_SSL_CERT_FILE`` = a certificate made here for
+nothing else (its key is thrown away): it loads in about 2 ms. Were the API ever served
+over TLS, its clients would refuse it (no server holds that key) until the variable names
+the right CA.
 """
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import MutableMapping
 from pathlib import Path
+
+VARIABLE = "PREFECT_API_SSL_CERT_FILE"
+FILE_NAME = "api-no-tls.pem"
+
+
+def trust_plain_http(env: MutableMapping[str, str], folder: Path) -> None:
+    """Set ``PREFECT_API_SSL_CERT_FILE`` in ``env`` to the unused certificate in ``folder``
+    (see :func:`unused_ca`) unless ``env`` names a file already; return None."""
+    if VARIABLE not in env:
+        folder.mkdir(parents=True, exist_ok=True)
+        env[VARIABLE] = str(unused_ca(folder / FILE_NAME))
 
 
 def unused_ca(path: Path) -> Path:

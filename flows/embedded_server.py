@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
+from atomforge.deployments.api_trust import trust_plain_http
+from atomforge.flows.settings import get_settings
 from atomforge.flows.watchdog import watched
 
 
@@ -47,5 +49,6 @@ def start() -> str:
     finally:
         server.subprocess = subprocess
     os.environ["PREFECT_API_URL"] = embedded.api_url
+    trust_plain_http(os.environ, get_settings().home)
     refresh_global_settings_context()
     return embedded.api_url

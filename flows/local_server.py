@@ -44,6 +44,7 @@ from pathlib import Path
 
 import tomllib
 
+from atomforge.deployments.api_trust import trust_plain_http
 from atomforge.deployments.warm_client import (
     read_line,
     recv_request,
@@ -372,6 +373,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"], PREFECT_API_URL=api_url)
+        trust_plain_http(os.environ, home())
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()
@@ -521,6 +523,7 @@ def serve(port: int) -> int:
     listener.listen(64)
     api_url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = api_url
+    trust_plain_http(os.environ, folder)
     began = time.monotonic()
     import prefect
 
