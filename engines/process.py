@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from atomforge.engines import reaper
+from atomforge.engines.warm_runner import WarmProcess, start_warm
 
 POLL_SECONDS = 0.1
 KILL_GRACE_SECONDS = 3.0
@@ -154,13 +155,17 @@ def kill_recorded(pid_dir: Path) -> list[int]:
     return killed
 
 
-def _record(proc: subprocess.Popen, argv: Sequence[str], pid_dir: Path) -> Path:
+def _record(proc: subprocess.Popen | WarmProcess, argv: Sequence[str], pid_dir: Path) -> Path:
     """Write a JSON record of ``proc`` into ``pid_dir`` and return its path."""
     pid_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:
+        create_time = 0.0  # already gone: the record matches no process
     record = {
         "pid": proc.pid,
         "host": socket.gethostname(),
-        "create_time": psutil.Process(proc.pid).create_time(),
+        "create_time": create_time,
         "argv": list(argv),
     }
     path = pid_dir / f"{proc.pid}.json"
@@ -215,20 +220,25 @@ class LineSplitter:
             self.partial = ""
 
 
-def _exit_handle(proc: subprocess.Popen) -> int | None:
-    """Return a pidfd that becomes readable when ``proc`` exits, or None where there is none."""
+def _exit_handle(proc: subprocess.Popen | WarmProcess) -> int | None:
+    """Return a pidfd that becomes readable when ``proc`` exits, or None where there is none
+    (a warm runner is waited for through its zygote's socket instead)."""
+    if isinstance(proc, WarmProcess):
+        return None
     try:
         return os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         return None
 
 
-def _wait_briefly(proc: subprocess.Popen, pidfd: int | None, seconds: float) -> bool:
+def _wait_briefly(proc: subprocess.Popen | WarmProcess, pidfd: int | None, seconds: float) -> bool:
     """Wait up to ``seconds`` for ``proc`` to end; return True once it has.
 
-    With a pidfd the wait ends the moment the process exits, so short engine runs pay no
-    polling latency; without one, ``Popen.wait`` polls.
+    With a pidfd (or a warm runner's socket) the wait ends the moment the process exits,
+    so short engine runs pay no polling latency; without one, ``Popen.wait`` polls.
     """
+    if isinstance(proc, WarmProcess):
+        return proc.wait(seconds) is not None
     if pidfd is None:
         try:
             proc.wait(seconds)
@@ -256,7 +266,10 @@ def run_process(
     env: dict[str, str] | None = None,
 ) -> ProcessOutcome:
     """Run ``argv`` in ``cwd`` in a new session and return how it ended. The process is
-    killed if the thread that runs this dies (see :func:`_dies_with_owner`).
+    killed if the thread that runs this dies (see :func:`_dies_with_owner`). The ASE
+    runner is forked warm from this process's zygote where it can be
+    (:func:`atomforge.engines.warm_runner.start_warm`), and then dies with the zygote,
+    which ends with this process.
 
     Output (stdout and stderr) goes to ``cwd/log_name`` and, read back from there while the
     process runs, to ``log`` as text blocks. Past ``timeout`` seconds, or once ``stop_file``
@@ -265,17 +278,22 @@ def run_process(
     """
     started = time.monotonic()
     log_path = cwd / log_name
+    full_env = {**os.environ, **(env or {})}
     with log_path.open("ab") as log_file:
         offset = log_file.tell()
-        proc = subprocess.Popen(
-            [*_dies_with_owner(), *argv],
-            cwd=cwd,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
+        proc: subprocess.Popen | WarmProcess | None = start_warm(
+            list(argv), cwd=str(cwd), env=full_env, log_fd=log_file.fileno()
         )
+        if proc is None:
+            proc = subprocess.Popen(
+                [*_dies_with_owner(), *argv],
+                cwd=cwd,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=full_env,
+            )
     record = _record(proc, argv, pid_dir)
     _REAPER.tell(f"+{proc.pid}")
     output = _LogTail(log_path, offset, log)
