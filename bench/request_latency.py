@@ -19,6 +19,16 @@ engine started for each run, no warm executor), and one at a time also with Pref
 launcher (``command`` null: its workspace supervisor, then the engine). Prints a table and
 the ratios. Run: ``.venv/bin/python bench/request_latency.py [--sequential 10]
 [--burst 100] [--baseline-burst 100]``.
+
+The batched deployment (``simulate/batched``, served by the batcher) is measured with
+``--batched N`` (N requests submitted at once: throughput, p50, p95, the slowest, the
+batch runs they were computed in, the service's CPU per request, the batcher's
+included) and ``--batched-sequential M`` (one at a time, each waited for: p50, p95 and
+the stages: waiting to be claimed, claimed to Running (the collection window, checks,
+the batch's creation), Running to the final state). These follow the runs with one
+query a second (0.2 s one at a time) for those that became final, and read their states
+afterwards, so that the measuring adds little to the server's work. For example
+``--sequential 0 --burst 0 --baseline-burst 0 --batched 100 --batched-sequential 10``.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 WATER = REPO / "examples" / "water.xyz"
 DEPLOYMENT = "simulate/simulate"
+BATCHED = "simulate/batched"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 LAUNCHERS = {
     "warm": {},
@@ -107,6 +118,8 @@ class Request:
     submitted: float
     flow_run_id: object = None
     final: str = ""
+    batch: str = ""
+    created: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -149,6 +162,7 @@ PARTS = {
     "postgres": "postgres/postmaster.pid",
     "worker": "worker.pid",
     "warm": "warm.pid",
+    "batcher": "batcher.pid",
 }
 """The service's processes, by the file that holds the pid of each (the worker's part
 holds its runs' processes when they start without the warm executor)."""
@@ -195,19 +209,20 @@ class Phase:
         return f"  {name}: CPU s per request: {parts}"
 
 
-async def _submit(client, job_variables: dict) -> Request:
+async def _submit(client, job_variables: dict, deployment: str = DEPLOYMENT) -> Request:
     from prefect.deployments import run_deployment
 
     request = Request(submitted=time.time())
     parameters = {"source": {"path": str(WATER)}, "parameters": {"engine": "xtb"}}
     run = await run_deployment(
-        DEPLOYMENT,
+        deployment,
         parameters=parameters,
         job_variables=job_variables,
         timeout=0,
         client=client,
     )
     request.flow_run_id = run.id
+    request.created = time.time()
     return request
 
 
@@ -254,6 +269,91 @@ async def burst(client, job_variables: dict, n: int, service_dir: Path) -> Phase
         requests = await asyncio.gather(*(_submit(client, job_variables) for _ in range(n)))
         await _settle(client, list(requests), poll=0.25)
     return Phase(list(requests), peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
+
+
+async def _settle_quietly(client, requests: list[Request], poll: float = 1.0) -> None:
+    """Wait until every request's run is final, asking only for the runs that became
+    final (one query a poll: the final states' timestamps, not the polls, time the
+    runs); then record each one's final state and its stages, and the
+    batch run it was computed in (named by its Running state's message)."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+
+    waiting = {r.flow_run_id: r for r in requests}
+    final = FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(FINAL)))
+    while waiting:
+        await asyncio.sleep(poll)
+        ids = FlowRunFilterId(any_=list(waiting))
+        for run in await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=ids, state=final)):
+            request = waiting.pop(run.id)
+            request.final = run.state.type.value
+            request.stages["final"] = _seconds(run.state.timestamp)
+    for request in requests:
+        for state in await client.read_flow_run_states(request.flow_run_id):
+            request.stages.setdefault(state.type.value, _seconds(state.timestamp))
+            if state.type.value == "RUNNING" and state.message:
+                request.batch = state.message.split()[2] if "in batch" in state.message else ""
+
+
+async def batched_burst(client, n: int, service_dir: Path) -> Phase:
+    """Submit ``n`` requests of the batched deployment at once and wait for all."""
+    cpu = service_cpu(service_dir)
+    with ProcessPeak(service_dir.parent / "atomforge") as peak:
+        submit = (_submit(client, {}, BATCHED) for _ in range(n))
+        requests = list(await asyncio.gather(*submit))
+        await _settle_quietly(client, requests)
+    return Phase(requests, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
+
+
+async def batched_sequential(client, n: int, service_dir: Path) -> Phase:
+    """Submit ``n`` requests of the batched deployment one after the other."""
+    done = []
+    cpu = service_cpu(service_dir)
+    with ProcessPeak(service_dir.parent / "atomforge") as peak:
+        for _ in range(n):
+            request = await _submit(client, {}, BATCHED)
+            await _settle_quietly(client, [request], poll=0.2)
+            done.append(request)
+    return Phase(done, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
+
+
+def report_batched(burst_phase: Phase | None, one_phase: Phase | None) -> None:
+    """Print the batched deployment's throughput, latency, batches and CPU per request."""
+    print(f"\nbatched deployment ({BATCHED})")
+    print(
+        f"{'mode':13} {'n':>4} {'runs/s':>7} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+        f"{'claim':>6} {'start':>6} {'batch':>6} {'batches':>7} {'cpu s':>6} {'not ok':>6}"
+    )
+    for name, phase in (("at once", burst_phase), ("one at a time", one_phase)):
+        if phase is None:
+            continue
+        requests = phase.requests
+        latencies = [r.latency for r in requests]
+        span = max(r.stages["final"] for r in requests) - min(r.submitted for r in requests)
+        batches = len({r.batch for r in requests if r.batch})
+        print(
+            f"{name:13} {len(requests):4d} {len(requests) / span:7.2f} "
+            f"{_pct(latencies, 50):7.2f} {_pct(latencies, 95):7.2f} {max(latencies):7.2f} "
+            f"{_stage(requests, 'SCHEDULED', 'PENDING'):6.2f} "
+            f"{_stage(requests, 'PENDING', 'RUNNING'):6.2f} "
+            f"{_stage(requests, 'RUNNING', 'COMPLETED'):6.2f} {batches:7d} {phase.cpu:6.2f} "
+            f"{_check(requests, name):6d}"
+        )
+    for name, phase in (("at once", burst_phase), ("one at a time", one_phase)):
+        if phase is not None:
+            print(phase.cpu_line(name))
+    if burst_phase is not None:
+        requests = burst_phase.requests
+        created = max(r.created for r in requests) - min(r.submitted for r in requests)
+        print(f"  at once: the last of the {len(requests)} run_deployment calls returned after")
+        print(f"  {created:.1f} s (creating the requests' flow runs)")
+    print("(claim: Scheduled to Pending; start: Pending to Running (the window, checks, the")
+    print(" batch run's creation); batch: Running to Completed; medians. runs/s: requests over")
+    print(" the time from the first submission to the last final state)")
 
 
 def _pct(values: list[float], q: int) -> float:
@@ -348,16 +448,41 @@ def executor_notes(service_dir: Path) -> str:
     )
 
 
+def batcher_notes(service_dir: Path) -> str:
+    """Return what the batcher's log says of its batches: how many, and their sizes."""
+    sizes = [
+        int(line.split()[0])
+        for line in (service_dir / "batcher.log").read_text().splitlines()
+        if " request(s), " in line and line.split()[0].isdigit()
+    ]
+    if not sizes:
+        return "batcher: no batch"
+    return f"batcher: {len(sizes)} batches of {min(sizes)}-{max(sizes)} requests (mean " + (
+        f"{sum(sizes) / len(sizes):.1f}), counting the warm-up"
+    )
+
+
 async def measure(args: argparse.Namespace, service_dir: Path) -> None:
     """Run the requests against the service of ``PREFECT_API_URL`` and print the tables."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
         await sequential(client, {}, 2, service_dir)
+        if args.batched or args.batched_sequential:
+            await batched_sequential(client, 2, service_dir)
+            one = None
+            if args.batched_sequential:
+                one = await batched_sequential(client, args.batched_sequential, service_dir)
+            at_once = (
+                await batched_burst(client, args.batched, service_dir) if args.batched else None
+            )
+            report_batched(at_once, one)
         rows = {}
         for name in args.launchers:
-            rows[name] = await sequential(client, LAUNCHERS[name], args.sequential, service_dir)
-        report_sequential(rows)
+            if args.sequential:
+                rows[name] = await sequential(client, LAUNCHERS[name], args.sequential, service_dir)
+        if rows:
+            report_sequential(rows)
         bursts = {}
         for name in [n for n in args.launchers if n != "prefect"]:
             size = args.burst if name == "warm" else args.baseline_burst
@@ -374,6 +499,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=100)
     parser.add_argument("--baseline-burst", type=int, default=100)
     parser.add_argument("--launchers", default="warm,engine,prefect", type=lambda s: s.split(","))
+    parser.add_argument("--batched", type=int, default=0, help="requests at once, batched")
+    parser.add_argument(
+        "--batched-sequential", type=int, default=0, help="batched requests one at a time"
+    )
     args = parser.parse_args()
     print(
         f"{datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, load "
@@ -385,6 +514,8 @@ def main() -> None:
         service_dir = Path(env["ATOMFORGE_SERVICE_DIR"])
         asyncio.run(measure(args, service_dir))
         print(executor_notes(service_dir))
+        if args.batched or args.batched_sequential:
+            print(batcher_notes(service_dir))
     print(f"load {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -2,7 +2,9 @@
 
 The priority names a queue of the service's pool (see :mod:`atomforge.deployments.service`):
 ``urgent``, ``normal`` (the ``default`` queue) or ``batch``; the worker takes the most
-urgent waiting run whenever a slot frees.
+urgent waiting run whenever a slot frees. ``atomforge submit simulate/batched`` submits a
+request that the batcher computes together with others (see
+:mod:`atomforge.deployments.batcher`); ``--wait`` then waits for that request's own state.
 """
 
 from __future__ import annotations
