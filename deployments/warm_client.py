@@ -15,7 +15,8 @@ It imports the standard library only and runs without ``site``: it starts in abo
 The executor, and the local server of ``atomforge`` commands
 (:mod:`atomforge.flows.local_server`), import the wire format from here
 (:func:`send_request`, :func:`recv_request`, :func:`send_line`, :func:`read_line`,
-:func:`same_user`, :func:`standard_fds`).
+:func:`same_user`, :func:`standard_fds`), and the runner zygote
+(:mod:`atomforge.engines.zygote`) its children's exits (:func:`reap_children`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,30 @@ def same_user(conn: socket.socket) -> bool:
     """Return whether the peer of the Unix socket ``conn`` runs as this process's user."""
     peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", peer)[1] == os.getuid()
+
+
+def exit_message(status: int) -> dict:
+    """Return what a client is told of a child that ended with wait ``status``."""
+    if os.WIFSIGNALED(status):
+        return {"signal": os.WTERMSIG(status)}
+    return {"exit": os.waitstatus_to_exitcode(status)}
+
+
+def reap_children(children: dict[int, socket.socket]) -> None:
+    """Tell the client of each child in ``children`` (pid: its client's connection) that
+    ended how it ended, and forget it; return None once no ended child is left."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        conn = children.pop(pid, None)
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                send_line(conn, exit_message(status))
+            conn.close()
 
 
 def standard_fds() -> list[int]:

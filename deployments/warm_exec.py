@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
-from atomforge.deployments.warm_client import recv_request, same_user, send_line
+from atomforge.deployments.warm_client import reap_children, recv_request, same_user, send_line
 
 MODULE = "atomforge.deployments.warm_exec"
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -168,13 +168,6 @@ def _same_user(conn: socket.socket) -> bool:
     return struct.unpack("3i", peer)[1] == os.getuid()
 
 
-def _exit_message(status: int) -> dict:
-    """Return what the client is told of a child that ended with wait ``status``."""
-    if os.WIFSIGNALED(status):
-        return {"signal": os.WTERMSIG(status)}
-    return {"exit": os.waitstatus_to_exitcode(status)}
-
-
 class Executor:
     """The executor's state: its socket, the children in flight and their clients."""
 
@@ -203,18 +196,7 @@ class Executor:
 
     def reap(self) -> None:
         """Tell the client of each child that ended how it ended."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if not pid:
-                return
-            conn = self.children.pop(pid, None)
-            if conn is not None:
-                with contextlib.suppress(OSError):
-                    send_line(conn, _exit_message(status))
-                conn.close()
+        reap_children(self.children)
 
     def close_listener(self) -> None:
         """Stop taking requests: new clients run the engine themselves."""

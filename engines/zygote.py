@@ -39,20 +39,13 @@ from importlib import import_module
 from pathlib import Path
 from typing import NoReturn
 
-from atomforge.deployments.warm_client import recv_request, send_line
+from atomforge.deployments.warm_client import reap_children, recv_request, send_line
 from atomforge.engines import reaper
 
 MODULE = "atomforge.engines.zygote"
 RUNNER_MODULE = "atomforge.engines.ase_runner"
 PR_SET_PDEATHSIG = 1
 ENGINE_NAME_FILE = "job.json"
-
-
-def exit_message(status: int) -> dict:
-    """Return what a client is told of a child that ended with wait ``status``."""
-    if os.WIFSIGNALED(status):
-        return {"signal": os.WTERMSIG(status)}
-    return {"exit": os.waitstatus_to_exitcode(status)}
 
 
 def engine_of(directory: str) -> str | None:
@@ -209,18 +202,7 @@ class Zygote:
 
     def reap(self) -> None:
         """Tell the client of each child that ended how it ended."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if not pid:
-                return
-            conn = self.children.pop(pid, None)
-            if conn is not None:
-                with contextlib.suppress(OSError):
-                    send_line(conn, exit_message(status))
-                conn.close()
+        reap_children(self.children)
 
     def loop(self) -> None:
         """Serve until the control socket closes (then kill the children's sessions) or,
