@@ -59,7 +59,7 @@ from atomforge.deployments.batch_run import (
     stop_batch,
 )
 from atomforge.deployments.service import BATCH_POOL, ServiceSettings
-from atomforge.deployments.warm_exec import code_stamp
+from atomforge.flows.local_server import code_stamp
 from atomforge.flows.screen import screen
 from atomforge.flows.simulate import simulate
 

@@ -464,6 +464,29 @@ def set_up_batched_deployment(client: httpx.Client, batch: bool) -> str | None:
     return made.json()["id"]
 
 
+def _start_until_ready(
+    settings: ServiceSettings,
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    ready: Path,
+    what: str,
+    wait: bool = True,
+) -> None:
+    """Start the part ``name`` (``argv``) unless it runs, removing its ``ready`` file
+    first; with ``wait``, return once ``ready`` exists (ServiceError if the part ended
+    instead)."""
+    if _pid(settings, name) is None:
+        ready.unlink(missing_ok=True)
+        _start(settings, name, argv, env)
+    if not wait:
+        return
+    log = settings.dir / f"{name}.log"
+    _wait_for(lambda: ready.exists() or _pid(settings, name) is None, what, log)
+    if _pid(settings, name) is None:
+        raise ServiceError(f"{what} ended: see {log}")
+
+
 def warm_socket(settings: ServiceSettings) -> Path:
     """Return the path of the warm executor's socket."""
     return settings.dir / "warm.sock"
@@ -511,17 +534,8 @@ def start_warm(settings: ServiceSettings) -> None:
     path = warm_socket(settings)
     if len(str(path).encode()) > 107:
         raise ServiceError(f"the socket path {path} is too long: set ATOMFORGE_SERVICE_DIR")
-    if _pid(settings, "warm") is None:
-        path.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", warm_exec.MODULE, str(path)]
-        _start(settings, "warm", argv, worker_env(settings))
-    _wait_for(
-        lambda: path.exists() or _pid(settings, "warm") is None,
-        "the warm executor",
-        settings.dir / "warm.log",
-    )
-    if _pid(settings, "warm") is None:
-        raise ServiceError(f"the warm executor ended: see {settings.dir / 'warm.log'}")
+    argv = [sys.executable, "-m", warm_exec.MODULE, str(path)]
+    _start_until_ready(settings, "warm", argv, worker_env(settings), path, "the warm executor")
 
 
 def batcher_env(settings: ServiceSettings) -> dict[str, str]:
@@ -537,19 +551,8 @@ def start_batcher(settings: ServiceSettings, wait: bool = True) -> None:
     """Start the batcher unless it runs, and with ``wait``, wait until it serves the
     batch pool (raise ServiceError if it ended instead)."""
     ready = settings.dir / "batcher.ready"
-    if _pid(settings, "batcher") is None:
-        ready.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "atomforge.deployments.batcher"]
-        _start(settings, "batcher", argv, batcher_env(settings))
-    if not wait:
-        return
-    _wait_for(
-        lambda: ready.exists() or _pid(settings, "batcher") is None,
-        "the batcher",
-        settings.dir / "batcher.log",
-    )
-    if _pid(settings, "batcher") is None:
-        raise ServiceError(f"the batcher ended: see {settings.dir / 'batcher.log'}")
+    argv = [sys.executable, "-m", "atomforge.deployments.batcher"]
+    _start_until_ready(settings, "batcher", argv, batcher_env(settings), ready, "the batcher", wait)
 
 
 def start_worker(settings: ServiceSettings) -> None:

@@ -21,7 +21,6 @@ SIGTERM stops it once its children have ended (each child lives as long as its r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import selectors
 import signal
@@ -35,10 +34,9 @@ from importlib import import_module
 from pathlib import Path
 
 from atomforge.deployments.warm_client import reap_children, recv_request, same_user, send_line
+from atomforge.flows.local_server import code_stamp
 
 MODULE = "atomforge.deployments.warm_exec"
-PACKAGE = Path(__file__).resolve().parents[1]
-CODE_FOLDERS = ("flows", "engines", "deployments")
 REQUEST_TIMEOUT_SECONDS = 5.0
 WARM_MODULES = (
     "prefect.engine",
@@ -87,15 +85,6 @@ class Forked:
     conn: socket.socket
     request: dict
     fds: list[int]
-
-
-def code_stamp() -> str:
-    """Return a digest of atomforge's source files and their modification times."""
-    digest = hashlib.sha256(sys.executable.encode())
-    for folder in CODE_FOLDERS:
-        for path in sorted((PACKAGE / folder).rglob("*.py")):
-            digest.update(f"{path}:{path.stat().st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
 
 
 def request_settings(env: dict[str, str]) -> dict[str, str]:

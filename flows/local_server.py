@@ -103,9 +103,9 @@ def idle_seconds(env: Mapping[str, str] = os.environ) -> float:
 
 def code_stamp() -> str:
     """Return a digest of the Python running atomforge and its source files' times: a
-    server started from other code is replaced."""
+    local server, warm executor or batcher started from other code is replaced."""
     digest = hashlib.sha256(sys.executable.encode())
-    for folder in ("flows", "engines"):
+    for folder in ("flows", "engines", "deployments"):
         for path in sorted((PACKAGE / folder).rglob("*.py")):
             digest.update(f"{path}:{path.stat().st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
