@@ -1,7 +1,8 @@
 """Benchmark: single ``simulate`` requests through the service, submission to Completed.
 
 Brings ``atomforge service up`` in a temporary folder (PostgreSQL, server with auth, the
-process pool, the warm executor, the worker; reuse of earlier results off, so that each
+process pool, the warm consumer, the warm executor, the worker; reuse of earlier results
+off, so that each
 request computes) and submits ``simulate`` of water with xtb through the deployment with
 ``run_deployment(..., timeout=0)``, the way a job service is used:
 
@@ -13,12 +14,14 @@ request computes) and submits ``simulate`` of water with xtb through the deploym
   first submission to the last completion), p50, p95 and the slowest, runs not Completed,
   and the most xtb processes (and flow-run processes) seen at once.
 
-Each is measured with the pool's default command (the warm executor's client) and, in
-the same run, with ``python -m prefect.engine`` (a run's ``command`` job variable: the
-engine started for each run, no warm executor), and one at a time also with Prefect's own
-launcher (``command`` null: its workspace supervisor, then the engine). Prints a table and
-the ratios. Run: ``.venv/bin/python bench/request_latency.py [--sequential 10]
-[--burst 100] [--baseline-burst 100]``.
+Each is measured with the runs the warm consumer takes (no job variables: the default)
+and, in the same run (``--launchers``), with runs the worker starts through a ``command``
+job variable of their own: the warm executor's client (the worker's path before the
+consumer), ``python -m prefect.engine`` (the engine started for each run), and one at a
+time also Prefect's own launcher (``command`` null: its workspace supervisor, then the
+engine). ``--burst`` is the consumer's, ``--baseline-burst`` each other launcher's. Prints
+a table and the ratios against the consumer. Run: ``.venv/bin/python
+bench/request_latency.py [--sequential 10] [--burst 100] [--baseline-burst 100]``.
 
 The batched deployment (``simulate/batched``, served by the batcher) is measured with
 ``--batched N`` (N requests submitted at once: throughput, p50, p95, the slowest, the
@@ -58,12 +61,23 @@ DEPLOYMENT = "simulate/simulate"
 BATCHED = "simulate/batched"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 LAUNCHERS = {
-    "warm": {},
+    "consumer": {},
+    "warm": {"command": "WARM_COMMAND"},
     "engine": {"command": f"{sys.executable} -m prefect.engine"},
     "prefect": {"command": None},
 }
-"""The job variables of each way of starting a run: the pool's default (the warm
-executor's client), the engine command, Prefect's own launcher."""
+"""The job variables of each way of starting a run: none (the warm consumer takes it),
+the warm executor's client (the pool's default command, given as the run's own: the
+worker starts it), the engine command, Prefect's own launcher. ``WARM_COMMAND`` is
+replaced by the service's (see :func:`job_variables`)."""
+
+
+def job_variables(name: str, service_dir: Path) -> dict:
+    """Return the job variables of launcher ``name`` for the service in ``service_dir``."""
+    from atomforge.deployments.service import ServiceSettings, warm_command
+
+    command = warm_command(ServiceSettings(dir=service_dir))
+    return {k: command if v == "WARM_COMMAND" else v for k, v in LAUNCHERS[name].items()}
 
 
 def _free_port() -> int:
@@ -163,6 +177,7 @@ PARTS = {
     "worker": "worker.pid",
     "warm": "warm.pid",
     "batcher": "batcher.pid",
+    "consumer": "consumer.pid",
 }
 """The service's processes, by the file that holds the pid of each (the worker's part
 holds its runs' processes when they start without the warm executor)."""
@@ -404,12 +419,13 @@ def report_sequential(rows: dict[str, Phase]) -> None:
             f"{_stage(requests, 'RUNNING', 'COMPLETED'):6.2f} {phase.cpu:6.2f} "
             f"{_check(requests, name):6d}"
         )
-    if {"warm", "engine"} <= rows.keys():
-        p50 = {name: _pct([r.latency for r in rows[name].requests], 50) for name in rows}
-        for name, phase in rows.items():
-            print(phase.cpu_line(name))
-        print(f"p50 engine / warm: {p50['engine'] / p50['warm']:.1f}x", end="")
-        print(f", prefect / warm: {p50['prefect'] / p50['warm']:.1f}x" if "prefect" in p50 else "")
+    for name, phase in rows.items():
+        print(phase.cpu_line(name))
+    first = next(iter(rows))
+    p50 = {name: _pct([r.latency for r in rows[name].requests], 50) for name in rows}
+    ratios = [f"{name} / {first}: {p50[name] / p50[first]:.1f}x" for name in rows if name != first]
+    if ratios:
+        print("p50 " + ", ".join(ratios))
 
 
 def report_burst(rows: dict[str, Phase]) -> None:
@@ -432,8 +448,9 @@ def report_burst(rows: dict[str, Phase]) -> None:
         )
     for name, phase in rows.items():
         print(phase.cpu_line(name))
-    if {"warm", "engine"} <= rows.keys():
-        print(f"throughput warm / engine: {throughput['warm'] / throughput['engine']:.1f}x")
+    first = next(iter(rows))
+    for name in [n for n in rows if n != first]:
+        print(f"throughput {first} / {name}: {throughput[first] / throughput[name]:.1f}x")
     print("(xtb: most xtb processes seen at once; runs: most flow runs Running at once; cpu s:")
     print(" CPU seconds the service's processes used per request)")
 
@@ -480,14 +497,16 @@ async def measure(args: argparse.Namespace, service_dir: Path) -> None:
         rows = {}
         for name in args.launchers:
             if args.sequential:
-                rows[name] = await sequential(client, LAUNCHERS[name], args.sequential, service_dir)
+                variables = job_variables(name, service_dir)
+                rows[name] = await sequential(client, variables, args.sequential, service_dir)
         if rows:
             report_sequential(rows)
         bursts = {}
-        for name in [n for n in args.launchers if n != "prefect"]:
-            size = args.burst if name == "warm" else args.baseline_burst
+        for index, name in enumerate(n for n in args.launchers if n != "prefect"):
+            size = args.burst if index == 0 else args.baseline_burst
             if size:
-                bursts[name] = await burst(client, LAUNCHERS[name], size, service_dir)
+                variables = job_variables(name, service_dir)
+                bursts[name] = await burst(client, variables, size, service_dir)
         if bursts:
             report_burst(bursts)
 
@@ -498,7 +517,9 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=10)
     parser.add_argument("--burst", type=int, default=100)
     parser.add_argument("--baseline-burst", type=int, default=100)
-    parser.add_argument("--launchers", default="warm,engine,prefect", type=lambda s: s.split(","))
+    parser.add_argument(
+        "--launchers", default="consumer,warm,engine,prefect", type=lambda s: s.split(",")
+    )
     parser.add_argument("--batched", type=int, default=0, help="requests at once, batched")
     parser.add_argument(
         "--batched-sequential", type=int, default=0, help="batched requests one at a time"

@@ -96,11 +96,20 @@ class ServiceSettings(BaseSettings):
         description="Most flow runs at once in the pool (its concurrency limit).",
     )
     worker_health_port: int = Field(8080, description="Port of the worker's health check.")
-    worker_query_seconds: float = Field(
-        0.25,
+    worker_query_seconds: float | None = Field(
+        None,
         gt=0,
         description="How often the worker asks the server for runs to start "
-        "(PREFECT_WORKER_QUERY_SECONDS): a run waits half of it on average.",
+        "(PREFECT_WORKER_QUERY_SECONDS; default 0.25 s, 2 s with the consumer, which "
+        "then starts the runs first): a run waits half of it on average.",
+    )
+    consumer: bool = Field(
+        True,
+        description="Start the runs of atomforge's deployments in the warm consumer "
+        "(no worker launch; the worker starts the runs that set job variables).",
+    )
+    consumer_poll_seconds: float = Field(
+        0.2, gt=0, description="How often the consumer asks the server for runs to start."
     )
     warm: bool = Field(
         True,
@@ -177,13 +186,18 @@ def api_client(settings: ServiceSettings) -> Iterator[httpx.Client]:
     token = base64.b64encode(auth_string(settings).encode()).decode()
     auth = {"Authorization": f"Basic {token}"}
     with httpx.Client(base_url=settings.api_url, headers=auth, timeout=30) as client:
-        client_id = secrets.token_hex(8)
-        csrf = client.get("/csrf-token", params={"client": client_id})
-        csrf.raise_for_status()
-        client.headers.update(
-            {"Prefect-Csrf-Token": csrf.json()["token"], "Prefect-Csrf-Client": client_id}
-        )
+        refresh_csrf(client)
         yield client
+
+
+def refresh_csrf(client: httpx.Client) -> None:
+    """Give ``client`` a new CSRF token of the server (a token lasts an hour)."""
+    client_id = secrets.token_hex(8)
+    csrf = client.get("/csrf-token", params={"client": client_id})
+    csrf.raise_for_status()
+    client.headers.update(
+        {"Prefect-Csrf-Token": csrf.json()["token"], "Prefect-Csrf-Client": client_id}
+    )
 
 
 def _postgres_bin(program: str) -> str:
@@ -524,7 +538,8 @@ def worker_env(settings: ServiceSettings) -> dict[str, str]:
     if "PREFECT_API_SSL_CERT_FILE" not in env:
         env["PREFECT_API_SSL_CERT_FILE"] = str(unused_ca(settings.dir / "api-no-tls.pem"))
     env["PREFECT_WORKER_WEBSERVER_PORT"] = str(settings.worker_health_port)
-    env["PREFECT_WORKER_QUERY_SECONDS"] = str(settings.worker_query_seconds)
+    query = settings.worker_query_seconds or (2.0 if settings.consumer else 0.25)
+    env["PREFECT_WORKER_QUERY_SECONDS"] = str(query)
     env.setdefault("ATOMFORGE_CORES_LIMIT", CORES_LIMIT)
     return env
 
@@ -555,6 +570,15 @@ def start_batcher(settings: ServiceSettings, wait: bool = True) -> None:
     _start_until_ready(settings, "batcher", argv, batcher_env(settings), ready, "the batcher", wait)
 
 
+def start_consumer(settings: ServiceSettings, wait: bool = True) -> None:
+    """Start the warm consumer unless it runs, and with ``wait``, wait until it polls
+    (raise ServiceError if it ended instead)."""
+    ready = settings.dir / "consumer.ready"
+    argv = [sys.executable, "-m", "atomforge.deployments.consumer"]
+    env = worker_env(settings)
+    _start_until_ready(settings, "consumer", argv, env, ready, "the consumer", wait)
+
+
 def start_worker(settings: ServiceSettings) -> None:
     """Start a process worker on the pool with Prefect's health check, and wait for it."""
     if _pid(settings, "worker") is None:
@@ -580,20 +604,28 @@ def up(settings: ServiceSettings) -> None:
         start_batcher(settings, wait=False)  # it imports the flows while the others start
     else:
         _stop(settings, "batcher")
+    if settings.consumer:
+        start_consumer(settings, wait=False)
+    else:
+        _stop(settings, "consumer")
     if settings.warm:
         start_warm(settings)
     start_worker(settings)
     if settings.batch:
         start_batcher(settings)
+    if settings.consumer:
+        start_consumer(settings)
 
 
 def down(settings: ServiceSettings) -> list[str]:
-    """Stop the worker with its warm executor and the batcher, the server and
-    PostgreSQL; return the names of those that ran (the batcher counts as the worker)."""
+    """Stop the worker with its warm executor, the batcher and the consumer, the server
+    and PostgreSQL; return the names of those that ran (the batcher and the consumer
+    count as the worker)."""
     batcher = _stop(settings, "batcher")
+    consumer = _stop(settings, "consumer")
     worker = _stop(settings, "worker")
     warm = _stop(settings, "warm")
-    stopped = ["worker"] if worker or warm or batcher else []
+    stopped = ["worker"] if worker or warm or batcher or consumer else []
     stopped += ["server"] if _stop(settings, "server") else []
     return stopped + (["postgres"] if stop_postgres(settings) else [])
 
@@ -620,7 +652,11 @@ def status(settings: ServiceSettings) -> list[Part]:
     batcher = _pid(settings, "batcher")
     if settings.batch:
         detail += f", batcher pid {batcher} ({BATCH_POOL})" if batcher else ", batcher DOWN"
+    consumer = _pid(settings, "consumer")
+    if settings.consumer:
+        detail += f", consumer pid {consumer}" if consumer else ", consumer DOWN"
     alive = worker and (warm is not None or not settings.warm)
+    alive = alive and (consumer is not None or not settings.consumer)
     parts.append(Part("worker", alive and (batcher is not None or not settings.batch), detail))
     return parts
 

@@ -3,9 +3,6 @@ with its priority queues, a worker with its health check; up, status, down."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import httpx
@@ -13,8 +10,8 @@ import psutil
 import psycopg
 import pytest
 
-from tests.conftest import REPO, WATER_XYZ, water_cluster_xyz
-from tests.prefect_server import running_service, service
+from tests.conftest import WATER_XYZ, water_cluster_xyz
+from tests.prefect_server import create_deployment_run, running_service, service
 
 pytestmark = pytest.mark.e2e
 
@@ -64,37 +61,12 @@ def test_the_server_refuses_unauthenticated_requests_and_listens_on_loopback(one
     assert table == "flow_run", "the server keeps its state in PostgreSQL"
 
 
-SUBMIT = textwrap.dedent(
-    """
-    import json, sys
-    from prefect.deployments import run_deployment
-
-    queue, source = sys.argv[1], sys.argv[2]
-    run = run_deployment(
-        "simulate/simulate",
-        parameters={
-            "source": {"path": source},
-            "parameters": {"engine": "xtb", "kind": "optimize"},
-        },
-        work_queue_name=queue,
-        timeout=0,
-    )
-    print(run.id)
-    """
-)
-
-
 def _submit(env: dict[str, str], queue: str, source: Path) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", SUBMIT, queue, str(source)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    """Create a ``simulate`` run of ``source`` in ``queue``, as ``run_deployment`` does."""
+    parameters = {"source": {"path": str(source)}, "parameters": {"engine": "xtb"}}
+    return create_deployment_run(
+        env, "simulate/simulate", parameters=parameters, work_queue_name=queue
     )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.split()[-1]
 
 
 def test_an_urgent_run_submitted_after_a_batch_run_starts_first(one_slot_service, tmp_path):
@@ -111,6 +83,7 @@ def test_an_urgent_run_submitted_after_a_batch_run_starts_first(one_slot_service
         name: _wait_for(api, auth, run, {"COMPLETED"})
         for name, run in {"blocker": blocker, "batch": batch, "urgent": urgent}.items()
     }
+    assert runs["urgent"]["created"] < runs["blocker"]["end_time"], "the blocker ended too soon"
     assert runs["urgent"]["start_time"] < runs["batch"]["start_time"], runs
 
 

@@ -28,8 +28,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack():
-    """The service; yield (client environment, atomforge home, service folder)."""
-    with running_service() as (env, folder):
+    """The service without its consumer (the worker starts every run); yield (client
+    environment, atomforge home, service folder)."""
+    with running_service(consumer="false") as (env, folder):
         yield env, Path(env["ATOMFORGE_HOME"]), folder / "service"
 
 

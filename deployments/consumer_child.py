@@ -1,0 +1,112 @@
+"""One flow run in a child forked by the warm consumer (:mod:`atomforge.deployments.consumer`).
+
+:func:`run_flow_run` makes the child the run's own process (a process group of its own,
+default signal handlers, ``PREFECT__FLOW_RUN_ID`` set, Prefect's settings read anew) and
+runs the flow as ``python -m prefect.engine`` would once it has read the run and loaded
+its flow: ``run_flow`` under ``handle_engine_signals``. A thread waits on the consumer's
+cancel pipe: a ``c`` there is a cancellation of the run, delivered as Prefect's runner
+delivers one (the control intent ``cancel``, then SIGTERM), so that the flow engine stops
+its tasks, ends the run Cancelled and runs the flow's cancellation hooks (which stop its
+engines). The end of the pipe without a ``c`` (the consumer died) changes nothing: the
+run goes on to its end.
+
+:func:`run_end_hooks` runs the flow's crash or cancellation hooks for a run whose child
+died before it ended (the consumer has set its final state).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+
+from prefect.flows import Flow
+
+CANCEL = b"c"
+
+
+def _watch_cancel(fd: int) -> None:
+    """Start a thread that delivers a cancellation read from ``fd`` to this process."""
+
+    def watch() -> None:
+        from prefect._internal import control_listener
+
+        try:
+            received = os.read(fd, 1)
+        except OSError:
+            return
+        if received == CANCEL:
+            control_listener._set_intent("cancel")  # what the runner's cancel commits
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="consumer-cancel-watch", daemon=True).start()
+
+
+def _become_run_process(run: dict) -> None:
+    """Leave the consumer's process group and signal handlers; set the run's id in the
+    environment and read Prefect's settings anew."""
+    os.setpgid(0, 0)
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ["PREFECT__FLOW_RUN_ID"] = run["id"]
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+
+
+def _exit_code(call: Callable[[], None]) -> int:
+    """Return the exit code of ``call()``: 0, a SystemExit's code, or 1 (with the
+    traceback on standard error) for any other exception; flush the standard streams."""
+    try:
+        call()
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def run_flow_run(run: dict, flow: Flow, cancel_fd: int) -> int:
+    """Run the flow run ``run`` (the API's JSON of it, in Pending) with ``flow`` in this
+    forked child; return the exit code ``python -m prefect.engine`` would end with."""
+
+    def run_it() -> None:
+        _become_run_process(run)
+        _watch_cancel(cancel_fd)
+        from prefect.client.schemas.objects import FlowRun
+        from prefect.engine import _drive_run_flow_result, handle_engine_signals
+        from prefect.flow_engine import run_flow
+
+        flow_run = FlowRun.model_validate(run)
+        with handle_engine_signals(flow_run.id):
+            _drive_run_flow_result(flow, run_flow(flow, flow_run=flow_run))
+
+    return _exit_code(run_it)
+
+
+def run_end_hooks(run_id: str, flow: Flow) -> int:
+    """Run ``flow``'s hooks for the final state of the run ``run_id`` (Crashed: its crash
+    hooks; Cancelled: its cancellation hooks); return an exit code."""
+
+    def run_them() -> None:
+        _become_run_process({"id": run_id})
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(run_id)
+        state = flow_run.state
+        if state is None or not (state.is_crashed() or state.is_cancelled()):
+            return
+        hooks = flow.on_crashed_hooks if state.is_crashed() else flow.on_cancellation_hooks
+        for hook in hooks:
+            hook(flow, flow_run, state)
+
+    return _exit_code(run_them)

@@ -1,0 +1,113 @@
+"""The warm consumer for real: the service runs deployment runs in children forked from it
+(no worker launch), a cancel stops a run and its engine, a killed child or consumer ends
+its run Crashed with its engine stopped, and a run with job variables of its own is left
+to the worker."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import WATER_XYZ, water_cluster_xyz
+from tests.prefect_server import api_get, prefect_cli, running_service, service, wait_final
+from tests.test_warm_exec import _engine_of, _forked, _result, _simulate, _wait_gone
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """The service; yield (client environment, atomforge home, service folder)."""
+    with running_service() as (env, folder):
+        yield env, Path(env["ATOMFORGE_HOME"]), folder / "service"
+
+
+def _consumer(service_dir: Path) -> psutil.Process:
+    return psutil.Process(int((service_dir / "consumer.pid").read_text()))
+
+
+def _consumed(service_dir: Path, flow_run_id: str) -> bool:
+    return f"flow run {flow_run_id} (" in (service_dir / "consumer.log").read_text()
+
+
+def _running_cluster_run(env: dict[str, str], home: Path, folder: Path) -> tuple[str, object]:
+    """Submit a slow run (four waters); return its id and its xtb process once it runs."""
+    structure = folder / "cluster.xyz"
+    structure.write_text(water_cluster_xyz(4))
+    flow_run_id = _simulate(env, structure)
+    return flow_run_id, _engine_of(env, home, flow_run_id)
+
+
+def test_a_deployment_run_runs_in_a_child_of_the_consumer(stack, tmp_path):
+    env, home, service_dir = stack
+    structure = tmp_path / "water.xyz"
+    structure.write_text(WATER_XYZ)
+    flow_run_id = _simulate(env, structure)
+    state = wait_final(env, flow_run_id)
+    assert state["type"] == "COMPLETED", state
+    assert _consumed(service_dir, flow_run_id)
+    assert not _forked(service_dir, flow_run_id)
+    states = api_get(env, f"/flow_run_states/?flow_run_id={flow_run_id}")
+    assert any("claimed by consumer" in (s.get("message") or "") for s in states)
+    # GFN2-xTB water, xtb 6.5.1 (tests/test_reference_numbers.py)
+    assert _result(home, flow_run_id)["energy_hartree"] == pytest.approx(-5.070544, abs=2e-6)
+    assert not list((service_dir / "consumer-runs").iterdir())
+
+
+def test_cancelling_a_consumer_run_stops_it_and_its_engine(stack, tmp_path):
+    env, home, service_dir = stack
+    flow_run_id, engine = _running_cluster_run(env, home, tmp_path)
+    assert _consumer(service_dir).pid in [p.pid for p in engine.parents()]
+    prefect_cli(env, "flow-run", "cancel", flow_run_id)
+    state = wait_final(env, flow_run_id, timeout=120)
+    assert state["type"] == "CANCELLED", state
+    _wait_gone(engine)
+    summary = home / "results" / flow_run_id / "run.json"
+    assert '"Cancelled"' in summary.read_text()
+
+
+def test_a_killed_child_ends_its_run_crashed_and_its_engine_stopped(stack, tmp_path):
+    env, home, service_dir = stack
+    flow_run_id, engine = _running_cluster_run(env, home, tmp_path)
+    consumer = _consumer(service_dir)
+    child = next(p for p in engine.parents() if p.ppid() == consumer.pid)
+    child.send_signal(signal.SIGKILL)
+    state = wait_final(env, flow_run_id, timeout=120)
+    assert state["type"] == "CRASHED", state
+    assert "exited with -9" in state["message"]
+    _wait_gone(engine)
+
+
+def test_a_run_with_job_variables_of_its_own_is_left_to_the_worker(stack, tmp_path):
+    env, _, service_dir = stack
+    structure = tmp_path / "water.xyz"
+    structure.write_text(WATER_XYZ)
+    job_variables = {"env": {"ATOMFORGE_PLOTS": "false"}}
+    flow_run_id = _simulate(env, structure, job_variables=job_variables)
+    state = wait_final(env, flow_run_id)
+    assert state["type"] == "COMPLETED", state
+    assert not _consumed(service_dir, flow_run_id)
+    assert _forked(service_dir, flow_run_id)
+
+
+def test_a_consumer_killed_mid_run_leaves_no_run_running_once_it_is_back(stack, tmp_path):
+    env, home, service_dir = stack
+    flow_run_id, engine = _running_cluster_run(env, home, tmp_path)
+    _consumer(service_dir).send_signal(signal.SIGKILL)
+    back = service(env, "up")
+    assert back.returncode == 0, back.stdout + back.stderr
+    state = wait_final(env, flow_run_id, timeout=120)
+    assert state["type"] == "CRASHED", state
+    _wait_gone(engine)
+    assert (
+        f"flow run {flow_run_id}: left by a consumer that stopped"
+        in (service_dir / "consumer.log").read_text()
+    )
+    structure = tmp_path / "water.xyz"
+    structure.write_text(WATER_XYZ)
+    again = _simulate(env, structure)
+    assert wait_final(env, again)["type"] == "COMPLETED"
+    assert _consumed(service_dir, again)
