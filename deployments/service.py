@@ -100,7 +100,7 @@ class ServiceSettings(BaseSettings):
         None,
         gt=0,
         description="How often the worker asks the server for runs to start "
-        "(PREFECT_WORKER_QUERY_SECONDS; default 0.25 s, 2 s with the consumer, which "
+        "(PREFECT_WORKER_QUERY_SECONDS; default 0.25 s, 5 s with the consumer, which "
         "then starts the runs first): a run waits half of it on average.",
     )
     consumer: bool = Field(
@@ -538,7 +538,7 @@ def worker_env(settings: ServiceSettings) -> dict[str, str]:
     if "PREFECT_API_SSL_CERT_FILE" not in env:
         env["PREFECT_API_SSL_CERT_FILE"] = str(unused_ca(settings.dir / "api-no-tls.pem"))
     env["PREFECT_WORKER_WEBSERVER_PORT"] = str(settings.worker_health_port)
-    query = settings.worker_query_seconds or (2.0 if settings.consumer else 0.25)
+    query = settings.worker_query_seconds or (5.0 if settings.consumer else 0.25)
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(query)
     env.setdefault("ATOMFORGE_CORES_LIMIT", CORES_LIMIT)
     return env
