@@ -26,6 +26,8 @@ from collections.abc import Callable
 from prefect.flows import Flow
 
 CANCEL = b"c"
+DRAIN_SECONDS = 20.0
+"""How long a child waits at its end for its logs and events to reach the server."""
 
 
 def _watch_cancel(fd: int) -> None:
@@ -60,7 +62,9 @@ def _become_run_process(run: dict) -> None:
 
 def _exit_code(call: Callable[[], None]) -> int:
     """Return the exit code of ``call()``: 0, a SystemExit's code, or 1 (with the
-    traceback on standard error) for any other exception; flush the standard streams."""
+    traceback on standard error) for any other exception. Then send what Prefect's
+    background services still hold (the run's logs and events: an interpreter's exit
+    would, and this process ends with ``os._exit``) and flush the standard streams."""
     try:
         call()
         return 0
@@ -70,6 +74,9 @@ def _exit_code(call: Callable[[], None]) -> int:
         traceback.print_exc()
         return 1
     finally:
+        from prefect._internal.concurrency.services import QueueService
+
+        QueueService.drain_all(timeout=DRAIN_SECONDS)
         sys.stdout.flush()
         sys.stderr.flush()
 

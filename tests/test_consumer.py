@@ -6,13 +6,21 @@ to the worker."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import WATER_XYZ, water_cluster_xyz
-from tests.prefect_server import api_get, prefect_cli, running_service, service, wait_final
+from tests.prefect_server import (
+    api_get,
+    api_post,
+    prefect_cli,
+    running_service,
+    service,
+    wait_final,
+)
 from tests.test_warm_exec import _engine_of, _forked, _result, _simulate, _wait_gone
 
 pytestmark = pytest.mark.e2e
@@ -41,6 +49,18 @@ def _running_cluster_run(env: dict[str, str], home: Path, folder: Path) -> tuple
     return flow_run_id, _engine_of(env, home, flow_run_id)
 
 
+def _logged(env: dict[str, str], flow_run_id: str, text: str) -> bool:
+    """Return whether the server holds a log line of the run containing ``text``, waiting
+    up to 30 s for it (its child sends the last lines as it ends)."""
+    deadline = time.monotonic() + 30
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}}
+    while time.monotonic() < deadline:
+        if any(text in log["message"] for log in api_post(env, "/logs/filter", body)):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_a_deployment_run_runs_in_a_child_of_the_consumer(stack, tmp_path):
     env, home, service_dir = stack
     structure = tmp_path / "water.xyz"
@@ -52,6 +72,7 @@ def test_a_deployment_run_runs_in_a_child_of_the_consumer(stack, tmp_path):
     assert not _forked(service_dir, flow_run_id)
     states = api_get(env, f"/flow_run_states/?flow_run_id={flow_run_id}")
     assert any("claimed by consumer" in (s.get("message") or "") for s in states)
+    assert _logged(env, flow_run_id, "running xtb on a chunk of 1 structure(s)")
     # GFN2-xTB water, xtb 6.5.1 (tests/test_reference_numbers.py)
     assert _result(home, flow_run_id)["energy_hartree"] == pytest.approx(-5.070544, abs=2e-6)
     assert not list((service_dir / "consumer-runs").iterdir())
