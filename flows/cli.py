@@ -43,8 +43,9 @@ COMMAND_INPUT_ROOTS = '["/"]'
 input roots guard the runs that deployments and the inbox start."""
 
 
-def _option(text: str) -> tuple[str, str | int | float | bool]:
-    """Return ``key=value`` parsed, the value as bool, int, float or str."""
+def _option(text: str) -> tuple[str, object]:
+    """Return ``key=value`` parsed, the value as bool, int, float, a JSON list (``[...]``,
+    e.g. LAMMPS's ``pair_coeff``) or str."""
     if "=" not in text:
         raise InputError(f"option {text!r} must look like key=value")
     key, raw = text.split("=", 1)
@@ -55,6 +56,11 @@ def _option(text: str) -> tuple[str, str | int | float | bool]:
             return key, kind(raw)
         except ValueError:
             continue
+    if raw.startswith("["):
+        try:
+            return key, json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"option {key!r}: not a JSON list: {exc}") from None
     return key, raw
 
 

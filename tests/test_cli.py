@@ -121,16 +121,20 @@ def test_version_is_printed(capsys):
 
 
 def test_engine_failure_is_one_line_without_a_traceback(tmp_path):
-    from tests.test_flows import H2_XTB_NAN
+    from tests.test_flows import AR2_LJ
 
-    structure = tmp_path / "h2.extxyz"
-    structure.write_text(H2_XTB_NAN)
-    out = _atomforge("run", str(structure), "--engine", "xtb", home=tmp_path / "home")
+    structure = tmp_path / "ar2.extxyz"
+    structure.write_text(AR2_LJ)
+    out = _atomforge(
+        "run", str(structure), "--engine", "lammps", "--kind", "singlepoint",
+        "-o", "pair_style=lj/cut 4.0", "-o", 'pair_coeff=["* * 1e308 3.4"]',
+        home=tmp_path / "home",
+    )  # fmt: skip
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         "atomforge: error: Flow run encountered an exception: EngineError: "
-        "h2: failed: xtb finished but returned a non-finite energy (nan)"
+        "ar2: failed: lammps finished but returned a non-finite energy (nan)"
     )
 
 

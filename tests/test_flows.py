@@ -299,24 +299,26 @@ def test_importing_the_flows_reads_no_settings_and_starts_nothing(tmp_path):
     assert out.stdout.strip() == "SettingsDaskTaskRunner"
 
 
-H2_XTB_NAN = """2
-Properties=species:S:1:pos:R:3 pbc="F F F"
-H       -0.00623567       0.01458008       0.37293942
-H       -0.01798184      -0.04973561      -0.35031797
+AR2_LJ = """2
+Lattice="10 0 0 0 10 0 0 0 10" Properties=species:S:1:pos:R:3 pbc="T T T"
+Ar       0.0       0.0       0.0
+Ar       0.0       0.0       3.0
 """
-"""A rattled H2 (G2 copy 6 of bench/rerun_screen.py) whose GFN2 optimization with
-Debian's xtb 6.5.1 ends normally but prints an energy and gradient of NaN."""
+LJ_OVERFLOW = {"pair_style": "lj/cut 4.0", "pair_coeff": ["* * 1e308 3.4"]}
+"""Two argon atoms under a Lennard-Jones well of 1e308 eV: LAMMPS's energy overflows
+(4 eps (sigma/r)^12 is past the largest double) and it prints a NaN energy, in IEEE
+arithmetic on any machine. (A rattled H2 that Debian's xtb 6.5.1 optimizes to NaN on some
+CPUs converges on others, so it cannot stand for an engine returning NaN.)"""
 
 
 def test_engine_that_returns_nan_energy_fails_the_structure_with_a_stored_readable_document():
-    state = asyncio.run(
-        simulate(StructureSource(text=H2_XTB_NAN), make_parameters("xtb"), return_state=True)
-    )
+    params = make_parameters("lammps", kind="singlepoint", options=LJ_OVERFLOW)
+    state = asyncio.run(simulate(StructureSource(text=AR2_LJ), params, return_state=True))
     assert state.is_failed()
     root = get_settings().resolved_results_root()
     (result,) = query_results(root, flow_run_id=str(state.state_details.flow_run_id))
     assert result.status == "failed"
-    assert result.message == "xtb finished but returned a non-finite energy (nan)"
+    assert result.message == "lammps finished but returned a non-finite energy (nan)"
     assert result.energy_eV is None and result.forces_eV_per_A is None
 
 
