@@ -28,8 +28,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack():
-    """The service; yield (client environment, atomforge home, service folder)."""
-    with running_service() as (env, folder):
+    """The service, its worker asking for runs every 30 s (so that it does not win a run
+    from the consumer by chance: both take what the pool offers); yield (client
+    environment, atomforge home, service folder)."""
+    with running_service(worker_query_seconds="30") as (env, folder):
         yield env, Path(env["ATOMFORGE_HOME"]), folder / "service"
 
 
