@@ -161,10 +161,17 @@ class Consumer:
             self.deployments[deployment_id] = (time.monotonic(), flow)
         return flow
 
+    def set_state(
+        self, run_id: str, kind: str, message: str, force: bool = False
+    ) -> httpx.Response:
+        """Propose the state ``kind`` (``PENDING``...) with ``message`` for the run
+        ``run_id``; return the server's answer."""
+        body = {"state": {"type": kind, "message": message}, "force": force}
+        return self.client.post(f"/flow_runs/{run_id}/set_state", json=body)
+
     def claim(self, run: dict) -> dict | None:
         """Propose Pending for ``run``; return its new state, or None if refused."""
-        state = {"type": "PENDING", "message": f"claimed by {owner()}"}
-        proposed = self.client.post(f"/flow_runs/{run['id']}/set_state", json={"state": state})
+        proposed = self.set_state(run["id"], "PENDING", f"claimed by {owner()}")
         proposed.raise_for_status()
         answer = proposed.json()
         return answer["state"] if answer["status"] == "ACCEPT" else None
@@ -194,8 +201,7 @@ class Consumer:
         except OSError as exc:
             os.close(read_fd)
             os.close(write_fd)
-            again = {"type": "SCHEDULED", "message": f"the consumer could not fork: {exc}"}
-            self.client.post(f"/flow_runs/{run['id']}/set_state", json={"state": again})
+            self.set_state(run["id"], "SCHEDULED", f"the consumer could not fork: {exc}")
             print(f"flow run {run['id']}: could not fork ({exc}): scheduled again", flush=True)
             return
         if pid == 0:
@@ -238,8 +244,7 @@ class Consumer:
             return
         ending = "CANCELLED" if state == "CANCELLING" else "CRASHED"
         message = f"{why} ({owner()})"
-        body = {"state": {"type": ending, "message": message}, "force": True}
-        self.client.post(f"/flow_runs/{child.run_id}/set_state", json=body).raise_for_status()
+        self.set_state(child.run_id, ending, message, force=True).raise_for_status()
         print(f"flow run {child.run_id}: {ending.lower()}: {message}", flush=True)
         self.run_hooks(child.run_id, child.flow)
 
@@ -308,9 +313,7 @@ class Consumer:
                     "CANCELLING": ("CANCELLED", "cancelled"),
                     "RUNNING": ("CRASHED", "crashed"),
                 }[kind]
-                why = {"type": ending, "message": "the consumer that ran it stopped"}
-                body = {"state": why, "force": True}
-                self.client.post(f"/flow_runs/{record.name}/set_state", json=body)
+                self.set_state(record.name, ending, "the consumer that ran it stopped", force=True)
                 counts[count] += 1
                 flow = self.flow_for(found.json() | {"job_variables": {}})
                 if ending != "SCHEDULED" and flow is not None:
