@@ -350,7 +350,8 @@ def test_run_log_tells_the_story_without_engine_output(tmp_path, monkeypatch):
 def test_a_failed_structure_logs_its_last_engine_lines(tmp_path):
     structure = tmp_path / "cluster.xyz"
     structure.write_text(water_cluster_xyz(4))
-    params = make_parameters("xtb", kind="singlepoint", timeout_seconds=1)
+    # an optimization of 64 waters takes xtb minutes; its single point fits in 1 s on a fast CPU
+    params = make_parameters("xtb", kind="optimize", timeout_seconds=1)
     state = asyncio.run(simulate(StructureSource(path=str(structure)), params, return_state=True))
     assert state.is_failed()
     flow_run_id = str(state.state_details.flow_run_id)
