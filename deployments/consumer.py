@@ -17,13 +17,18 @@ its states, runs its hooks, logs and stores its results.
 It takes the runs of atomforge's own flows (entrypoint ``atomforge.flows...``) whose run
 and deployment set no job variable; the process worker on the same pool starts the
 others (a ``command`` or an ``env`` of their own), and every run while the consumer is
-down. A run someone cancels has its child told so (:mod:`atomforge.deployments.consumer_child`):
-the flow engine stops its tasks, the flow's hooks stop its engines, and it ends
-Cancelled; a child still alive :data:`CANCEL_GRACE_SECONDS` later is killed with its
-process group. A child that dies before its run ended (killed, out of memory) has its
-run ended Crashed, with the flow's crash hooks. On start it takes back what a consumer
-of this service that died left (:meth:`Consumer.recover`). SIGTERM stops taking runs and waits for
-the children; when atomforge's code changed and no child runs, it ``exec``-s itself anew.
+down. A run someone cancels has its child told so
+(:mod:`atomforge.deployments.consumer_child`): the flow engine stops its tasks, the flow's
+hooks stop its engines, and it ends Cancelled; a child still alive
+:data:`CANCEL_GRACE_SECONDS` later is killed with its process group. A run someone
+suspends (the UI's Suspend, an automation) has its child told too, and the flow engine
+suspends it at its next step, as Prefect's own suspension observer would have it do: one
+query of the consumer watches every child's run, where that observer opens a websocket
+and a thread in each run (0.1-0.2 s of a request). A child that dies before its run
+ended (killed, out of memory) has its run ended Crashed, with the flow's crash hooks. On
+start it takes back what a consumer of this service that died left
+(:meth:`Consumer.recover`). SIGTERM stops taking runs and waits for the children; when
+atomforge's code changed and no child runs, it ``exec``-s itself anew.
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ import httpx
 import psutil
 from prefect.flows import Flow
 
+from atomforge.deployments.consumer_child import CANCEL, SUSPEND, run_end_hooks, run_flow_run
 from atomforge.deployments.service import POOL, ServiceSettings, api_client, refresh_csrf
 from atomforge.deployments.warm_exec import warm_up
 from atomforge.flows.local_server import code_stamp
 
 MODULE = "atomforge.deployments.consumer"
 READY_FILE = "consumer.ready"
-CANCEL_WATCH_SECONDS = 0.5
+WATCH_SECONDS = 0.5
+"""How often the consumer looks for its runs that someone cancelled or suspended."""
 CANCEL_GRACE_SECONDS = 30.0
 """How long a cancelled child has to stop its engines and end Cancelled before it is
 killed with its process group."""
@@ -66,13 +73,15 @@ CSRF_REFRESH_SECONDS = 1800.0
 
 @dataclass
 class Child:
-    """A run in a forked child: its flow run, the child's pid and cancel pipe."""
+    """A run in a forked child: its flow run, the child's pid, the pipe that tells the
+    child its run was cancelled or suspended, and whether it was told either."""
 
     run: dict
     flow: Flow
     pid: int
-    cancel_fd: int
+    pipe_fd: int
     cancelled_at: float | None = None
+    suspended: bool = False
 
     @property
     def run_id(self) -> str:
@@ -206,8 +215,6 @@ class Consumer:
             return
         if pid == 0:
             os.close(write_fd)
-            from atomforge.deployments.consumer_child import run_flow_run
-
             os._exit(run_flow_run(run, flow, read_fd))
         os.close(read_fd)
         (self.runs_dir / run["id"]).write_text(str(pid))
@@ -226,7 +233,7 @@ class Consumer:
             if not done:
                 continue
             child = self.children.pop(pid)
-            os.close(child.cancel_fd)
+            os.close(child.pipe_fd)
             code = os.waitstatus_to_exitcode(status)
             print(f"flow run {child.run_id}: pid {pid} exited {code}", flush=True)
             if code != 0:
@@ -240,7 +247,7 @@ class Consumer:
         if found.status_code != 200:
             return
         state = (found.json().get("state") or {}).get("type")
-        if state in FINAL:
+        if state in FINAL or state == "PAUSED":  # a suspended run resumes as a new start
             return
         ending = "CANCELLED" if state == "CANCELLING" else "CRASHED"
         message = f"{why} ({owner()})"
@@ -253,36 +260,53 @@ class Consumer:
         process starts no thread: its children are forked)."""
         helper = os.fork()
         if helper == 0:
-            from atomforge.deployments.consumer_child import run_end_hooks
-
             os._exit(run_end_hooks(run_id, flow))
         self.helpers.append(helper)
 
-    def watch_cancellations(self) -> None:
-        """Tell each child whose run someone cancelled; kill those that outlive the grace."""
+    def watch_runs(self) -> None:
+        """Tell each child whose run someone cancelled or suspended; kill a cancelled child
+        that outlives the grace."""
         if not self.children:
             return
         by_run = {child.run_id: child for child in self.children.values()}
         body = {
             "flow_runs": {
                 "id": {"any_": list(by_run)},
-                "state": {"type": {"any_": ["CANCELLING", "CANCELLED"]}},
+                "state": {"type": {"any_": ["CANCELLING", "CANCELLED", "PAUSED"]}},
             }
         }
         found = self.client.post("/flow_runs/filter", json=body)
         found.raise_for_status()
-        now = time.monotonic()
         for run in found.json():
             child = by_run[run["id"]]
-            if child.cancelled_at is None:
-                child.cancelled_at = now
-                print(f"flow run {child.run_id}: cancelled, telling pid {child.pid}", flush=True)
-                with contextlib.suppress(OSError):
-                    os.write(child.cancel_fd, b"c")
-            elif now - child.cancelled_at > CANCEL_GRACE_SECONDS:
-                print(f"flow run {child.run_id}: pid {child.pid} still alive: killed", flush=True)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
+            if run["state"]["type"] == "PAUSED":
+                self.tell_suspended(child, run["state"].get("name"))
+            else:
+                self.tell_cancelled(child)
+
+    def tell_cancelled(self, child: Child) -> None:
+        """Tell ``child`` its run is cancelled, once; kill it with its process group once
+        it outlived :data:`CANCEL_GRACE_SECONDS`."""
+        now = time.monotonic()
+        if child.cancelled_at is None:
+            child.cancelled_at = now
+            print(f"flow run {child.run_id}: cancelled, telling pid {child.pid}", flush=True)
+            with contextlib.suppress(OSError):
+                os.write(child.pipe_fd, CANCEL)
+        elif now - child.cancelled_at > CANCEL_GRACE_SECONDS:
+            print(f"flow run {child.run_id}: pid {child.pid} still alive: killed", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+
+    def tell_suspended(self, child: Child, name: str | None) -> None:
+        """Tell ``child`` its run is suspended (a Paused state named Suspended), once; a
+        Paused state the flow set itself needs no word."""
+        if name != "Suspended" or child.suspended:
+            return
+        child.suspended = True
+        print(f"flow run {child.run_id}: suspended, telling pid {child.pid}", flush=True)
+        with contextlib.suppress(OSError):
+            os.write(child.pipe_fd, SUSPEND)
 
     def reap_helpers(self) -> None:
         """Collect the hook helpers that ended."""
@@ -341,9 +365,9 @@ class Consumer:
                 self.reap()
                 if not self.stopping:
                     self.poll()
-                if time.monotonic() - watched >= CANCEL_WATCH_SECONDS:
+                if time.monotonic() - watched >= WATCH_SECONDS:
                     watched = time.monotonic()
-                    self.watch_cancellations()
+                    self.watch_runs()
             except httpx.HTTPError as exc:  # the server may be restarting: ask again
                 print(f"API call failed: {type(exc).__name__}: {exc}", flush=True)
                 time.sleep(1.0)

@@ -3,12 +3,14 @@
 :func:`run_flow_run` makes the child the run's own process (a process group of its own,
 default signal handlers, ``PREFECT__FLOW_RUN_ID`` set, Prefect's settings read anew) and
 runs the flow as ``python -m prefect.engine`` would once it has read the run and loaded
-its flow: ``run_flow`` under ``handle_engine_signals``. A thread waits on the consumer's
-cancel pipe: a ``c`` there is a cancellation of the run, delivered as Prefect's runner
+its flow: ``run_flow`` under ``handle_engine_signals``. A thread reads the consumer's
+pipe: a ``c`` there is a cancellation of the run, delivered as Prefect's runner
 delivers one (the control intent ``cancel``, then SIGTERM), so that the flow engine stops
 its tasks, ends the run Cancelled and runs the flow's cancellation hooks (which stop its
-engines). The end of the pipe without a ``c`` (the consumer died) changes nothing: the
-run goes on to its end.
+engines). An ``s`` says someone suspended the run: the flow engine is told as Prefect's
+suspension observer would tell it, and suspends the run at its next step (the consumer
+watches for suspensions, so the child starts no observer of its own). The end of the
+pipe (the consumer died) changes nothing: the run goes on to its end.
 
 :func:`run_end_hooks` runs the flow's crash or cancellation hooks for a run whose child
 died before it ended (the consumer has set its final state).
@@ -20,31 +22,66 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 
 from prefect.flows import Flow
 
 CANCEL = b"c"
+SUSPEND = b"s"
+SUSPENSION_RETRY_SECONDS = 0.1
 DRAIN_SECONDS = 20.0
 """How long a child waits at its end for its logs and events to reach the server."""
 
 
-def _watch_cancel(fd: int) -> None:
-    """Start a thread that delivers a cancellation read from ``fd`` to this process."""
+def _watch_consumer(fd: int, run_id: str) -> None:
+    """Start a thread that delivers to this process the cancellation or suspension of
+    its run that the consumer writes to ``fd``."""
 
     def watch() -> None:
         from prefect._internal import control_listener
 
-        try:
-            received = os.read(fd, 1)
-        except OSError:
-            return
-        if received == CANCEL:
-            control_listener._set_intent("cancel")  # what the runner's cancel commits
-            os.kill(os.getpid(), signal.SIGTERM)
+        while received := _read(fd):
+            if received == CANCEL:
+                control_listener._set_intent("cancel")  # what the runner's cancel commits
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            if received == SUSPEND:
+                _request_suspension(run_id)
 
-    threading.Thread(target=watch, name="consumer-cancel-watch", daemon=True).start()
+    threading.Thread(target=watch, name="consumer-watch", daemon=True).start()
+
+
+def _read(fd: int) -> bytes:
+    """Return the next byte from ``fd``, or nothing once the pipe is closed."""
+    try:
+        return os.read(fd, 1)
+    except OSError:
+        return b""
+
+
+def _request_suspension(run_id: str) -> None:
+    """Tell the flow engine that the run ``run_id`` is suspended (its Suspended state, read
+    from the server), waiting until the engine set up its run."""
+    from uuid import UUID
+
+    from prefect._flow_run_suspension import mark_flow_run_suspension_requested
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    while state is not None and not mark_flow_run_suspension_requested(UUID(run_id), state):
+        time.sleep(SUSPENSION_RETRY_SECONDS)
+
+
+@contextmanager
+def _suspension_watched_by_consumer(
+    flow_run_id: object, request: object
+) -> Generator[None, None, None]:
+    """Stand in for Prefect's per-run suspension observer: the consumer watches."""
+    yield
 
 
 def _become_run_process(run: dict) -> None:
@@ -81,17 +118,19 @@ def _exit_code(call: Callable[[], None]) -> int:
         sys.stderr.flush()
 
 
-def run_flow_run(run: dict, flow: Flow, cancel_fd: int) -> int:
+def run_flow_run(run: dict, flow: Flow, pipe_fd: int) -> int:
     """Run the flow run ``run`` (the API's JSON of it, in Pending) with ``flow`` in this
     forked child; return the exit code ``python -m prefect.engine`` would end with."""
 
     def run_it() -> None:
         _become_run_process(run)
-        _watch_cancel(cancel_fd)
+        _watch_consumer(pipe_fd, run["id"])
+        from prefect import flow_engine
         from prefect.client.schemas.objects import FlowRun
         from prefect.engine import _drive_run_flow_result, handle_engine_signals
         from prefect.flow_engine import run_flow
 
+        flow_engine.observe_flow_run_suspension = _suspension_watched_by_consumer
         flow_run = FlowRun.model_validate(run)
         with handle_engine_signals(flow_run.id):
             _drive_run_flow_result(flow, run_flow(flow, flow_run=flow_run))

@@ -13,6 +13,7 @@ from typing import Any
 
 import dask
 from prefect.context import FlowRunContext
+from prefect.exceptions import Pause
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed, State
@@ -418,7 +419,13 @@ async def run_structures(
         progress.cancel()
         links.cancel()
         stop_run_engines(paths)
-        ending = "Cancelled" if isinstance(exc, asyncio.CancelledError) else "Crashed"
+        ending = (
+            "Cancelled"
+            if isinstance(exc, asyncio.CancelledError)
+            else "Suspended"
+            if isinstance(exc, Pause)
+            else "Crashed"
+        )
         _record_ending(summary, results_root, paths, ending, _describe(exc))
         raise
     ok, message = verdict(results, tolerance)

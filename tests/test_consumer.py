@@ -1,12 +1,13 @@
 """The warm consumer for real: the service runs deployment runs in children forked from it
-(no worker launch), a cancel stops a run and its engine, a killed child or consumer ends
-its run Crashed with its engine stopped, and a run with job variables of its own is left
-to the worker."""
+(no worker launch), a cancel stops a run and its engine, a suspended run is suspended and
+resumes, a killed child or consumer ends its run Crashed with its engine stopped, and a
+run with job variables of its own is left to the worker."""
 
 from __future__ import annotations
 
 import signal
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
@@ -101,6 +102,36 @@ def test_cancelling_a_consumer_run_stops_it_and_its_engine(stack, tmp_path):
     _wait_gone(engine)
     summary = home / "results" / flow_run_id / "run.json"
     assert '"Cancelled"' in summary.read_text()
+
+
+def test_a_suspended_run_is_suspended_and_resumes_to_its_result(stack, tmp_path):
+    """Suspended as the UI's Suspend button does it, while its xtb optimizes 27 waters:
+    the consumer tells the child, the flow engine suspends the run at its next step (the
+    end of its parse step) and the child ends; resumed, the run completes with the
+    structure its first start computed."""
+    env, home, service_dir = stack
+    structure = tmp_path / "cluster.xyz"
+    structure.write_text(water_cluster_xyz(3))
+    flow_run_id = _simulate(env, structure)
+    _engine_of(env, home, flow_run_id)
+    until = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    suspended = {
+        "type": "PAUSED",
+        "name": "Suspended",
+        "state_details": {"pause_reschedule": True, "pause_timeout": until},
+    }
+    answer = api_post(env, f"/flow_runs/{flow_run_id}/set_state", {"state": suspended})
+    assert answer["status"] == "ACCEPT", answer
+    assert _records_cleared(service_dir / "consumer-runs", timeout=240)
+    log = (service_dir / "consumer.log").read_text()
+    assert f"flow run {flow_run_id}: suspended, telling pid" in log
+    state = api_get(env, f"/flow_runs/{flow_run_id}")["state"]
+    assert (state["type"], state["name"]) == ("PAUSED", "Suspended"), state
+    api_post(env, f"/flow_runs/{flow_run_id}/resume", {})
+    state = wait_final(env, flow_run_id, timeout=120)
+    assert state["type"] == "COMPLETED", state
+    assert _result(home, flow_run_id)["status"] == "completed"
+    assert _logged(env, flow_run_id, "1 done by an earlier attempt")
 
 
 def test_a_killed_child_ends_its_run_crashed_and_its_engine_stopped(stack, tmp_path):
