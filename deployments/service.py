@@ -47,7 +47,8 @@ from atomforge.deployments.api_trust import unused_ca
 REPO = Path(__file__).resolve().parents[1]
 POOL = "atomforge-process"
 CORES_LIMIT = "atomforge-cores"
-"""The global concurrency limit that counts engine cores across all runs of the worker."""
+"""The cores limit (of the host: :mod:`atomforge.flows.scheduling.cores`) the runs of the
+service share."""
 QUEUES = {"urgent": 1, "default": 2, "batch": 3}
 """The pool's queues and their Prefect priorities (1 is taken first): ``default`` is the
 normal priority, the queue deployments submit to unless a run names another."""
@@ -374,8 +375,10 @@ def start_server(settings: ServiceSettings) -> None:
 
 
 def set_up_pool(settings: ServiceSettings) -> None:
-    """Create (or update) the work pool with its limit and priority queues, the limit on
-    engine cores across runs, and the deployments."""
+    """Create (or update) the work pool with its limit and priority queues, and the
+    deployments. (The limit on engine cores across runs is the host's: see
+    :mod:`atomforge.flows.scheduling.cores`; a server-side one an older service made is
+    removed.)"""
     with api_client(settings) as client:
         pool = {"name": POOL, "type": "process", "concurrency_limit": settings.worker_limit}
         created = client.post("/work_pools/", json=pool)
@@ -385,12 +388,7 @@ def set_up_pool(settings: ServiceSettings) -> None:
         else:
             created.raise_for_status()
         _set_run_command(client, warm_command(settings) if settings.warm else None)
-        cores = {"name": CORES_LIMIT, "limit": os.cpu_count() or 1}
-        made = client.post("/v2/concurrency_limits/", json=cores)
-        if made.status_code == 409:
-            client.patch(f"/v2/concurrency_limits/{CORES_LIMIT}", json=cores).raise_for_status()
-        else:
-            made.raise_for_status()
+        client.delete(f"/v2/concurrency_limits/{CORES_LIMIT}")  # server-side, older services
         for name, priority in QUEUES.items():
             created = client.post(
                 f"/work_pools/{POOL}/queues", json={"name": name, "priority": priority}

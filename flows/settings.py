@@ -135,10 +135,16 @@ class Settings(BaseSettings):
     )
     cores_limit: str | None = Field(
         None,
-        description="Name of a Prefect global concurrency limit counting the cores engines "
-        "use across all runs on this machine (the service command creates "
-        "'atomforge-cores', as many as the machine has, and sets this for its worker): "
-        "each run-engine task holds its engine's cores' worth of slots while it runs.",
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
+        description="Name of a limit counting the cores engines use across all runs on "
+        "this host (the service command sets 'atomforge-cores' for its runs): each "
+        "run-engine task holds its engine's cores' worth of the host's cores while it "
+        "runs, as lock files the system frees when a process ends, however it ends.",
+    )
+    cores_lock_dir: Path | None = Field(
+        None,
+        description="Where the cores limits keep their lock files: a folder on this host "
+        "(default: atomforge-cores-<uid> in the temporary folder).",
     )
     min_distance: float = Field(0.5, gt=0, description="Closer atoms (A) count as overlapping.")
     input_roots: list[Path] | None = Field(

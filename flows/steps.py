@@ -19,7 +19,6 @@ from pathlib import Path
 
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
@@ -32,6 +31,7 @@ from atomforge.engines.status import JobStatus
 from atomforge.flows.jobs import Job, RunContext, engine_owner
 from atomforge.flows.models import StructureResult, StructureSource
 from atomforge.flows.scheduling.claims import CLAIM_FILE, claimed_directories
+from atomforge.flows.scheduling.cores import hold_cores
 from atomforge.flows.settings import get_settings
 from atomforge.flows.store.documents import parse_job
 from atomforge.flows.ui.engine_output import (
@@ -80,10 +80,12 @@ async def prepare_inputs(jobs: list[Job], params: CalculationParameters) -> list
 
 
 def engine_cores(cores: int) -> AbstractContextManager:
-    """Return a context that holds ``cores`` slots of the machine's cores limit
+    """Return a context that holds ``cores`` of the host's cores limit
     (``ATOMFORGE_CORES_LIMIT``), waiting for them, or does nothing when none is set."""
-    name = get_settings().cores_limit
-    return concurrency(name, occupy=cores, strict=True) if name else nullcontext()
+    settings = get_settings()
+    if not settings.cores_limit:
+        return nullcontext()
+    return hold_cores(settings.cores_limit, cores, settings.cores_lock_dir)
 
 
 async def engine_limit_tags(engine: str) -> set[str]:
