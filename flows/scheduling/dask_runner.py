@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import dask
+import distributed
+import prefect.context
 from distributed import Client, get_worker
-from prefect.context import FlowRunContext
+from prefect.client.schemas.objects import RunInput
+from prefect.context import FlowRunContext, SettingsContext, serialize_context
+from prefect.task_engine import run_task_async, run_task_sync
 from prefect.task_runners import TaskRunner
+from prefect.tasks import Task
+from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
 
 from atomforge.engines.errors import InputError
 from atomforge.flows.scheduling import slurm
@@ -64,7 +75,8 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
         }
     )
     per_worker = 1 if settings.dask_processes else settings.dask_workers
-    return DaskTaskRunner(
+    runner_class = DaskTaskRunner if settings.dask_processes else InProcessDaskTaskRunner
+    return runner_class(
         cluster_kwargs={
             "n_workers": settings.dask_workers // per_worker,
             "threads_per_worker": per_worker,
@@ -75,6 +87,66 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
         },
         adapt_kwargs=adapt,
     )
+
+
+class InProcessDaskTaskRunner(DaskTaskRunner):
+    """A Dask task runner on a ``LocalCluster`` of threads in this process.
+
+    It submits a Prefect task as prefect-dask's client does, less two costs that serve
+    only workers in other processes: Prefect's settings travel with a task only when the
+    flow run's differ from this process's own (a task's worker thread rebuilt them from
+    their serialized form, about 70 ms of CPU a task), and each task gets a key of its
+    own, so Dask does not tokenize the task and its arguments (pickling them) to name it.
+    """
+
+    def submit(
+        self,
+        task: Task,
+        parameters: dict[str, Any],
+        wait_for: Iterable[PrefectDaskFuture] | None = None,
+        dependencies: dict[str, set[RunInput]] | None = None,
+    ) -> PrefectDaskFuture:
+        """Submit ``task`` with ``parameters`` to the cluster; return its future."""
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        parameters = self._optimize_futures(parameters)
+        task_run_id = uuid4()
+        inputs = {
+            name: collect_task_run_inputs_sync(value, future_cls=distributed.Future)
+            for name, value in parameters.items()
+        }
+        if dependencies:
+            inputs = {name: found | dependencies.get(name, set()) for name, found in inputs.items()}
+        context = serialize_context(
+            asset_ctx_kwargs={
+                "task": task,
+                "task_run_id": task_run_id,
+                "task_inputs": inputs,
+                "copy_to_child_ctx": True,
+            }
+        )
+        if SettingsContext.get() is prefect.context.GLOBAL_SETTINGS_CONTEXT:
+            context["settings_context"] = {}
+
+        @wraps(task)
+        def run_task(**kwargs: Any) -> Any:
+            if task.isasync:
+                return asyncio.run(run_task_async(**kwargs))
+            return run_task_sync(**kwargs)
+
+        future = distributed.Client.submit(
+            self.client,
+            run_task,
+            key=f"{task.name}-{task_run_id.hex}",
+            task=task,
+            task_run_id=task_run_id,
+            parameters=parameters,
+            wait_for=self._optimize_futures(wait_for) if wait_for else None,
+            dependencies=inputs,
+            return_type="state",
+            context=context,
+        )
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 
 
 class SlurmTaskRunner(DaskTaskRunner):
