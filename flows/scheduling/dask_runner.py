@@ -18,7 +18,15 @@ import distributed
 import prefect.context
 from distributed import Client, get_worker
 from prefect.client.schemas.objects import RunInput
-from prefect.context import FlowRunContext, SettingsContext, serialize_context
+from prefect.context import (
+    AssetContext,
+    EngineContext,
+    FlowRunContext,
+    SettingsContext,
+    TagsContext,
+    TaskRunContext,
+    serialize_context,
+)
 from prefect.task_engine import run_task_async, run_task_sync
 from prefect.task_runners import TaskRunner
 from prefect.tasks import Task
@@ -89,14 +97,37 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
     )
 
 
+def task_context(asset: dict[str, Any]) -> dict[str, Any]:
+    """Return the context a task submitted to a worker thread of this process runs in:
+    what Prefect's ``serialize_context`` returns (``asset`` makes its asset context), but
+    without Prefect's settings when the flow run's are the process's own, which the
+    worker thread then uses. Serializing them took about 25 ms of CPU a task in the flow,
+    and rebuilding them on the worker about 70 ms."""
+    if SettingsContext.get() is not prefect.context.GLOBAL_SETTINGS_CONTEXT:
+        return serialize_context(asset_ctx_kwargs=asset)
+    flow_run_context = EngineContext.get()
+    task_run_context = TaskRunContext.get()
+    tags_context = TagsContext.get()
+    deployment_id = prefect.context._deployment_id.get()
+    return {
+        "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
+        "task_run_context": task_run_context.serialize() if task_run_context else {},
+        "tags_context": tags_context.serialize() if tags_context else {},
+        "settings_context": {},
+        "asset_context": AssetContext.from_task_and_inputs(**asset).serialize(),
+        "deployment_id": str(deployment_id) if deployment_id else None,
+        "deployment_parameters": prefect.context._deployment_parameters.get(),
+    }
+
+
 class InProcessDaskTaskRunner(DaskTaskRunner):
     """A Dask task runner on a ``LocalCluster`` of threads in this process.
 
     It submits a Prefect task as prefect-dask's client does, less two costs that serve
     only workers in other processes: Prefect's settings travel with a task only when the
-    flow run's differ from this process's own (a task's worker thread rebuilt them from
-    their serialized form, about 70 ms of CPU a task), and each task gets a key of its
-    own, so Dask does not tokenize the task and its arguments (pickling them) to name it.
+    flow run's differ from this process's own (see :func:`task_context`), and each task
+    gets a key of its own, so Dask does not tokenize the task and its arguments
+    (pickling them) to name it.
     """
 
     def submit(
@@ -117,16 +148,12 @@ class InProcessDaskTaskRunner(DaskTaskRunner):
         }
         if dependencies:
             inputs = {name: found | dependencies.get(name, set()) for name, found in inputs.items()}
-        context = serialize_context(
-            asset_ctx_kwargs={
-                "task": task,
-                "task_run_id": task_run_id,
-                "task_inputs": inputs,
-                "copy_to_child_ctx": True,
-            }
-        )
-        if SettingsContext.get() is prefect.context.GLOBAL_SETTINGS_CONTEXT:
-            context["settings_context"] = {}
+        asset = {
+            "task": task,
+            "task_run_id": task_run_id,
+            "task_inputs": inputs,
+            "copy_to_child_ctx": True,
+        }
 
         @wraps(task)
         def run_task(**kwargs: Any) -> Any:
@@ -144,7 +171,7 @@ class InProcessDaskTaskRunner(DaskTaskRunner):
             wait_for=self._optimize_futures(wait_for) if wait_for else None,
             dependencies=inputs,
             return_type="state",
-            context=context,
+            context=task_context(asset),
         )
         return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 

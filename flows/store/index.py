@@ -139,6 +139,9 @@ def _open(root: Path, url: str | None) -> IndexConnection:
             root / INDEX_FILE, timeout=60, isolation_level=None, check_same_thread=False
         )
         raw.execute("PRAGMA journal_mode=WAL")
+        # in WAL mode NORMAL never corrupts the index; a power cut may lose its last
+        # rows, as it may the documents (not synced either). FULL synced every row.
+        raw.execute("PRAGMA synchronous=NORMAL")
         connection = IndexConnection(raw, postgres=False)
     connection.create()
     return connection
