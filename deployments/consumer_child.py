@@ -1,16 +1,16 @@
 """One flow run in a child forked by the warm consumer (:mod:`atomforge.deployments.consumer`).
 
 :func:`run_flow_run` makes the child the run's own process (a process group of its own,
-default signal handlers, ``PREFECT__FLOW_RUN_ID`` set, Prefect's settings read anew) and
-runs the flow as ``python -m prefect.engine`` would once it has read the run and loaded
-its flow: ``run_flow`` under ``handle_engine_signals``. A thread reads the consumer's
-pipe: a ``c`` there is a cancellation of the run, delivered as Prefect's runner
-delivers one (the control intent ``cancel``, then SIGTERM), so that the flow engine stops
-its tasks, ends the run Cancelled and runs the flow's cancellation hooks (which stop its
-engines). An ``s`` says someone suspended the run: the flow engine is told as Prefect's
-suspension observer would tell it, and suspends the run at its next step (the consumer
-watches for suspensions, so the child starts no observer of its own). The end of the
-pipe (the consumer died) changes nothing: the run goes on to its end.
+default signal handlers, ``PREFECT__FLOW_RUN_ID`` set) and runs the flow as
+``python -m prefect.engine`` would once it has read the run and loaded its flow:
+``run_flow`` under ``handle_engine_signals``. A thread reads the consumer's pipe: a
+``c`` there is a cancellation of the run, delivered as Prefect's runner delivers one
+(the control intent ``cancel``, then SIGTERM), so that the flow engine stops its tasks,
+ends the run Cancelled and runs the flow's cancellation hooks (which stop its engines).
+An ``s`` says someone suspended the run: the flow engine is told as Prefect's suspension
+observer would tell it, and suspends the run at its next step (the consumer watches for
+suspensions, so the child starts no observer of its own). The end of the pipe (the
+consumer died) changes nothing: the run goes on to its end.
 
 :func:`run_end_hooks` runs the flow's crash or cancellation hooks for a run whose child
 died before it ended (the consumer has set its final state).
@@ -86,15 +86,13 @@ def _suspension_watched_by_consumer(
 
 def _become_run_process(run: dict) -> None:
     """Leave the consumer's process group and signal handlers; set the run's id in the
-    environment and read Prefect's settings anew."""
+    environment (the run has the consumer's environment, so Prefect's settings, read
+    when the consumer started, are the run's)."""
     os.setpgid(0, 0)
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ["PREFECT__FLOW_RUN_ID"] = run["id"]
-    from prefect.context import refresh_global_settings_context
-
-    refresh_global_settings_context()
 
 
 def _exit_code(call: Callable[[], None]) -> int:

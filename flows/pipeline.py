@@ -374,7 +374,8 @@ async def run_structures(
         reused, jobs = _reuse_stored(jobs, run, reuse)
         for result in resumed + reused:
             progress.advance(result)
-        progress.watch(jobs)
+        if not single:  # one structure: its bar and the run's state say it all
+            progress.watch(jobs)
         chunks = balanced_chunks(
             jobs,
             [estimated_cost(job.atoms) for job in jobs],

@@ -175,6 +175,14 @@ class InProcessDaskTaskRunner(DaskTaskRunner):
         )
         return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 
+    def workers(self) -> list[dict[str, Any]]:
+        """Return what the scheduler says of each worker (``nthreads``, ``resources``): as
+        the cluster heard it when its worker started (no call to the scheduler), or, if
+        it has not heard yet, as the scheduler answers."""
+        client = self.client
+        known = list(self._cluster.scheduler_info["workers"].values())
+        return known or list(client.scheduler_info(n_workers=-1)["workers"].values())
+
 
 class SlurmTaskRunner(DaskTaskRunner):
     """A Dask task runner on a SLURMCluster that submits jobs as structures wait.
@@ -281,7 +289,9 @@ def engine_slots(task_runner: TaskRunner | None, settings: Settings, cores: int)
     if settings.dask_adapt_max:
         return EngineSlots(settings.dask_adapt_max, resources if cores > 1 else None)
     workers = []
-    if isinstance(task_runner, DaskTaskRunner):
+    if isinstance(task_runner, InProcessDaskTaskRunner):
+        workers = task_runner.workers()
+    elif isinstance(task_runner, DaskTaskRunner):
         workers = list(task_runner.client.scheduler_info(n_workers=-1)["workers"].values())
         if task_runner.address and workers:
             check_shared_work_root(task_runner.client, settings.resolved_work_root())

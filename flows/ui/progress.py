@@ -39,9 +39,10 @@ class RunProgress:
     ``ATOMFORGE_TERMINAL_PROGRESS`` it also draws a bar on the terminal, moved by every
     structure.
 
-    Once :meth:`watch` is given the jobs to compute, a background task looks at their
-    folders every ``interval`` seconds and, when the counts changed, writes them to the
-    ``<key>-counts`` markdown artifact; after ``table_interval`` seconds
+    Once :meth:`watch` is given the jobs to compute (a screen's; a one-structure run
+    has no counts), a background task looks at their folders every ``interval``
+    seconds and, when the counts changed, writes them to the ``<key>-counts`` markdown
+    artifact; after ``table_interval`` seconds
     (``ATOMFORGE_PARTIAL_TABLE_SECONDS``; 0: never) it also writes the results parsed so
     far to the ``<key>-partial`` table, at most once per ``table_interval``. Both are
     created once and then updated in place. Per structure :meth:`advance` only counts.
