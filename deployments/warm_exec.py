@@ -126,14 +126,18 @@ def complete_models() -> int:
 
 def warm_up() -> None:
     """Import what flow runs use (a failing import is left to the runs, which meet it and
-    report it) and complete their models; raise RuntimeError if that started a thread (a
-    forked child lacks it)."""
+    report it), complete their models and draw a plot; raise RuntimeError if that started
+    a thread (a forked child lacks it)."""
     for name in WARM_MODULES:
         try:
             import_module(name)
         except Exception as exc:
             print(f"warm-up: import {name} failed: {type(exc).__name__}: {exc}", flush=True)
     print(f"warm-up: completed {complete_models()} models", flush=True)
+    try:
+        import_module("atomforge.flows.ui.plots").warm_up_drawing()
+    except Exception as exc:  # the runs draw their plots or log why not
+        print(f"warm-up: drawing failed: {type(exc).__name__}: {exc}", flush=True)
     if threading.active_count() > 1:
         raise RuntimeError(f"imports started threads: {threading.enumerate()}")
 

@@ -435,8 +435,8 @@ after the flows (about 0.3 s): a forked child finds them imported."""
 
 
 def _warm_up() -> None:
-    """Import what commands use, so that each forked child starts with it (a failing
-    import is left to the commands, which meet it again and report it)."""
+    """Import what commands use and draw a plot, so that each forked child starts with
+    them (a failing import is left to the commands, which meet it again and report it)."""
     for name in WARM_MODULES:
         try:
             import_module(name)
@@ -444,6 +444,8 @@ def _warm_up() -> None:
             print(f"warm-up: import {name} failed: {type(exc).__name__}: {exc}", flush=True)
     with contextlib.suppress(Exception):
         import_module("atomforge.flows.cli").build_parser()
+    with contextlib.suppress(Exception):  # the commands draw their plots or log why not
+        import_module("atomforge.flows.ui.plots").warm_up_drawing()
     if threading.active_count() > 1:
         print(f"warm-up left threads running: {threading.enumerate()}", flush=True)
 

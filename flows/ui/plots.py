@@ -61,6 +61,23 @@ def _mark_failed(axes: Axes, failed: list[StructureResult]) -> None:
     axes.plot([], [], **FAILED_STYLE, label=f"not completed ({len(failed)}): {names}")
 
 
+def warm_up_drawing() -> None:
+    """Draw a throwaway plot like a run's (a symlog axis, whose tick labels are mathtext)
+    into memory, so that processes forked from this one find matplotlib's fonts, text
+    layout and mathtext parser ready: an optimization plot then takes a forked child
+    about 0.1 s instead of 0.35 s. Starts no thread."""
+    from io import BytesIO
+
+    figure = _figure()
+    axes = figure.axes[0]
+    axes.plot(range(8), [0.01 * 0.5**step for step in range(8)], "o-", markersize=3)
+    axes.set_yscale("symlog", linthresh=1e-3)
+    axes.set(xlabel="step", ylabel=LABELS["energy_eV"])
+    axes.set_title("warm-up (H2O): final energy -5.070544 eV")
+    axes.legend(["warm-up"], loc="best", fontsize=8)
+    figure.savefig(BytesIO(), format="png", dpi=DPI)
+
+
 def ranking_plots(ranked: list[StructureResult], rank_by: str, folder: Path) -> list[Path]:
     """Draw a screen's ranking into ``folder``/ranking.png; return its path (none
     without results).
