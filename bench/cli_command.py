@@ -1,9 +1,11 @@
 """Benchmark: the ``atomforge run`` command as a whole process, against the bare xtb binary.
 
 Times ``atomforge run STRUCTURE --engine xtb`` as a person or a script runs it, each a
-fresh process: the first command on a new atomforge home (it starts the local server and
-creates its database), the first after ``atomforge server stop`` (it starts the server on
-the existing database), then ``--warm`` commands against the running server; and, in the
+fresh process: the first command on the machine (a new atomforge home and cache folder:
+it starts the local server, which creates its database by Prefect's migrations and keeps
+a copy), the first command on another new home (its server's database is that copy), the
+first after ``atomforge server stop`` (it starts the server on the existing database),
+then ``--warm`` commands against the running server; and, in the
 same run, the ``xtb`` program optimizing the same file the way atomforge calls it. Prints
 each figure, the warm median and its ratio to xtb's median. ``--embedded`` also times
 commands with ``ATOMFORGE_LOCAL_SERVER=false`` (Prefect's embedded server per command).
@@ -57,11 +59,18 @@ def main() -> None:
     args = parser.parse_args()
     structure = args.structure.resolve()
     scratch = Path(tempfile.mkdtemp(prefix="atomforge-bench-cli-"))
-    env = {**os.environ, "ATOMFORGE_HOME": str(scratch / "home")}
+    first = {
+        **os.environ,
+        "ATOMFORGE_HOME": str(scratch / "first"),
+        "ATOMFORGE_CACHE_DIR": str(scratch / "cache"),
+    }
     for name in ("PREFECT_API_URL", "ATOMFORGE_LOCAL_SERVER"):
-        env.pop(name, None)
+        first.pop(name, None)
+    env = first | {"ATOMFORGE_HOME": str(scratch / "home")}
     command = [ATOMFORGE, "run", str(structure), "--engine", "xtb"]
     try:
+        migrated = timed(command, first, REPO)
+        timed([ATOMFORGE, "server", "stop"], first, REPO)
         new_home = timed(command, env, REPO)
         timed([ATOMFORGE, "server", "stop"], env, REPO)
         restart = timed(command, env, REPO)
@@ -74,9 +83,11 @@ def main() -> None:
             for _ in range(args.embedded)
         ]
     finally:
-        subprocess.run([ATOMFORGE, "server", "stop"], env=env, capture_output=True, check=False)
+        for each in (first, env):
+            subprocess.run([ATOMFORGE, "server", "stop"], env=each, capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"atomforge run {structure.name} --engine xtb, whole process, {os.cpu_count()} cores")
+    print(f"  first command on the machine, new home:  {migrated:7.2f} s")
     print(f"  first command, new atomforge home:       {new_home:7.2f} s")
     print(f"  first command, server stopped before:    {restart:7.2f} s")
     print(

@@ -53,6 +53,7 @@ from atomforge.deployments.warm_client import (
     send_request,
     standard_fds,
 )
+from atomforge.flows import database_template
 
 FLOW_COMMANDS = frozenset({"run", "screen", "workflow", "demo"})
 """The commands that run flows: these go to the local server."""
@@ -516,7 +517,9 @@ def serve(port: int) -> int:
     replaced: the Prefect server and each command in a forked child.
 
     Prefect is imported once, before the Prefect server's process forks off, and the rest
-    of what commands use while that server starts.
+    of what commands use while that server starts. A new home's database is copied from
+    the one kept by the first local server of this Prefect version, if there is one (see
+    :mod:`atomforge.flows.database_template`); the first keeps its own.
     """
     folder = home()
     (folder / "prefect").mkdir(parents=True, exist_ok=True)
@@ -529,6 +532,14 @@ def serve(port: int) -> int:
     began = time.monotonic()
     import prefect
 
+    database = folder / "prefect" / database_template.DATABASE_FILE
+    new_database = database_template.applies() and not database.exists()
+    if new_database and database_template.seed(database, prefect.__version__):
+        (folder / "prefect" / "migrated-by").write_text(prefect.__version__)
+        if new_database and (kept := database_template.keep(database, prefect.__version__)):
+            print(f"database kept for new local servers: {kept}", flush=True)
+        print(f"database copied from {database_template.template(prefect.__version__)}", flush=True)
+        new_database = False
     server = os.fork()
     if server == 0:
         listener.close()
@@ -543,6 +554,8 @@ def serve(port: int) -> int:
             print(exc, flush=True)
             return 1
         (folder / "prefect" / "migrated-by").write_text(prefect.__version__)
+        if new_database and (kept := database_template.keep(database, prefect.__version__)):
+            print(f"database kept for new local servers: {kept}", flush=True)
         print(
             f"local server ready: API {api_url}, pid {os.getpid()}; imports took "
             f"{warmed:.1f} s, the API answered after {time.monotonic() - began:.1f} s",

@@ -23,6 +23,7 @@ os.environ.setdefault("ATOMFORGE_DASK_WORKERS", "2")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ["ATOMFORGE_REUSE"] = "false"  # each test computes; tests of reuse turn it on
 os.environ.setdefault("ATOMFORGE_LOCAL_SERVER", "false")  # tests of it turn it on
+os.environ["ATOMFORGE_CACHE_DIR"] = str(SESSION_HOME / "cache")  # local servers' database
 REPO = Path(__file__).resolve().parents[1]
 os.environ["ATOMFORGE_INPUT_ROOTS"] = json.dumps([tempfile.gettempdir(), str(REPO)])
 

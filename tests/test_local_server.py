@@ -124,3 +124,31 @@ def test_a_configured_prefect_api_or_the_opt_out_starts_no_server(tmp_path):
     )
     assert not local_server.enabled({"PREFECT_PROFILES_PATH": str(profiles)})
     assert local_server.enabled({"PREFECT_HOME": str(tmp_path / "empty")})
+
+
+def test_a_new_home_starts_from_the_database_the_first_server_kept(tmp_path):
+    """The first local server of this Prefect version keeps its new database; the server
+    of the next new home starts from a copy of it (no migrations) and runs a command."""
+    import prefect
+
+    cache = tmp_path / "cache"
+    homes = []
+    for name in ("first", "second"):
+        env = os.environ.copy() | {
+            "ATOMFORGE_HOME": str(tmp_path / name),
+            "ATOMFORGE_LOCAL_SERVER": "true",
+            "ATOMFORGE_CACHE_DIR": str(cache),
+        }
+        env.pop("PREFECT_API_URL", None)
+        homes.append(env)
+        try:
+            ran = run_atomforge(env, "run", "-", "--kind", "singlepoint", "--json", stdin=WATER_XYZ)
+        finally:
+            run_atomforge(env, "server", "stop")
+        assert ran.returncode == 0, ran.stderr
+        assert json.loads(ran.stdout.splitlines()[0])["status"] == "completed"
+    first, second = (Path(env["ATOMFORGE_HOME"]) / "server" / "server.log" for env in homes)
+    kept = cache / f"prefect-{prefect.__version__}.db"
+    assert f"database kept for new local servers: {kept}" in first.read_text()
+    assert f"database copied from {kept}" in second.read_text()
+    assert "database kept" not in second.read_text()

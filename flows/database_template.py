@@ -1,0 +1,88 @@
+"""A new local server's Prefect database, copied from a migrated one instead of migrated.
+
+Prefect builds a new SQLite database by running its migrations, about 10 s of a first
+command's 17 s on a new atomforge home. The first local server of each Prefect version on
+a machine keeps a copy of its database, taken right after it started and before any run,
+in ``ATOMFORGE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/atomforge``, else
+``~/.cache/atomforge``); the local server of every new home starts from that copy. Only
+for the default database (no ``PREFECT_API_DATABASE_CONNECTION_URL``).
+
+This module imports the standard library only (see :mod:`atomforge.flows.local_server`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+DATABASE_FILE = "prefect.db"
+"""The database's name in the server's Prefect home (Prefect's default)."""
+
+
+def cache_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Return the folder where atomforge keeps what it can rebuild: ``ATOMFORGE_CACHE_DIR``,
+    else ``atomforge`` in the user's cache folder."""
+    if folder := env.get("ATOMFORGE_CACHE_DIR"):
+        return Path(folder).expanduser()
+    return Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "atomforge"
+
+
+def template(version: str, env: Mapping[str, str] = os.environ) -> Path:
+    """Return where the database of Prefect ``version`` is kept."""
+    return cache_dir(env) / f"prefect-{version}.db"
+
+
+def applies(env: Mapping[str, str] = os.environ) -> bool:
+    """Return whether the server uses Prefect's default database (a template may seed it)."""
+    return not env.get("PREFECT_API_DATABASE_CONNECTION_URL")
+
+
+def seed(database: Path, version: str, env: Mapping[str, str] = os.environ) -> bool:
+    """Copy the kept database of Prefect ``version`` to ``database`` if that does not exist
+    yet; return whether it did."""
+    kept = template(version, env)
+    if database.exists() or not kept.is_file():
+        return False
+    database.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=database.parent, prefix=f".{database.name}.")
+    os.close(fd)
+    try:
+        shutil.copyfile(kept, partial)
+        os.replace(partial, database)
+    except OSError:
+        Path(partial).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def keep(database: Path, version: str, env: Mapping[str, str] = os.environ) -> Path | None:
+    """Keep a consistent copy of ``database`` (a server may have it open) as the template
+    of Prefect ``version``, unless one is kept already; return its path, or None when
+    nothing was kept (one exists, or the cache cannot be written)."""
+    kept = template(version, env)
+    if kept.exists() or not database.is_file():
+        return None
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=kept.parent, prefix=f".{kept.name}.")
+    except OSError:
+        return None
+    os.close(fd)
+    import sqlite3  # here: commands import this module, and only a new server keeps
+
+    try:
+        source = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        copy = sqlite3.connect(partial)
+        try:
+            source.backup(copy)
+        finally:
+            source.close()
+            copy.close()
+        os.replace(partial, kept)
+    except (OSError, sqlite3.Error):
+        Path(partial).unlink(missing_ok=True)
+        return None
+    return kept
