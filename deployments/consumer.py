@@ -193,8 +193,11 @@ class Consumer:
         body = {"limit": self.room(), "scheduled_before": now}
         found = self.client.post(f"/work_pools/{POOL}/get_scheduled_flow_runs", json=body)
         found.raise_for_status()
+        running = {child.run_id for child in self.children.values()}
         for item in found.json():
             run = item["flow_run"]
+            if run["id"] in running:  # resumed before its child stopped: taken once it has
+                continue
             flow = self.flow_for(run)
             if flow is None:
                 continue
@@ -241,15 +244,17 @@ class Consumer:
             (self.runs_dir / child.run_id).unlink(missing_ok=True)
 
     def end_if_left(self, child: Child, why: str) -> None:
-        """End ``child``'s run if it is not final: Cancelled if it was being cancelled,
-        else Crashed with the flow's crash hooks (run in a forked helper)."""
+        """End ``child``'s run if it is not final, suspended or scheduled again (resumed):
+        Cancelled if it was being cancelled, else Crashed with the flow's crash hooks (run
+        in a forked helper)."""
         found = self.client.get(f"/flow_runs/{child.run_id}")
         if found.status_code != 200:
             return
-        state = (found.json().get("state") or {}).get("type")
-        if state in FINAL or state == "PAUSED":  # a suspended run resumes as a new start
-            return
-        ending = "CANCELLED" if state == "CANCELLING" else "CRASHED"
+        state = found.json().get("state") or {}
+        kind = state.get("type")
+        if kind in FINAL or kind == "SCHEDULED" or state.get("name") == "Suspended":
+            return  # ended, or suspended (or resumed since): it starts anew when resumed
+        ending = "CANCELLED" if kind == "CANCELLING" else "CRASHED"
         message = f"{why} ({owner()})"
         self.set_state(child.run_id, ending, message, force=True).raise_for_status()
         print(f"flow run {child.run_id}: {ending.lower()}: {message}", flush=True)

@@ -32,6 +32,9 @@ from prefect.flows import Flow
 CANCEL = b"c"
 SUSPEND = b"s"
 SUSPENSION_RETRY_SECONDS = 0.1
+"""How often a suspension waits for the flow engine to set up its run."""
+SUSPENSION_WAIT_SECONDS = 60.0
+"""How long it waits for that at most (the run may have ended meanwhile)."""
 DRAIN_SECONDS = 20.0
 """How long a child waits at its end for its logs and events to reach the server."""
 
@@ -64,16 +67,24 @@ def _read(fd: int) -> bytes:
 
 def _request_suspension(run_id: str) -> None:
     """Tell the flow engine that the run ``run_id`` is suspended (its Suspended state, read
-    from the server), waiting until the engine set up its run."""
+    from the server), waiting up to :data:`SUSPENSION_WAIT_SECONDS` for the engine to
+    have set up its run; a failure is printed (the run then goes on to its end)."""
     from uuid import UUID
 
     from prefect._flow_run_suspension import mark_flow_run_suspension_requested
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run_id).state
-    while state is not None and not mark_flow_run_suspension_requested(UUID(run_id), state):
-        time.sleep(SUSPENSION_RETRY_SECONDS)
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+        deadline = time.monotonic() + SUSPENSION_WAIT_SECONDS
+        while state is not None and not mark_flow_run_suspension_requested(UUID(run_id), state):
+            if time.monotonic() > deadline:
+                print(f"flow run {run_id}: suspension not delivered: no run here", flush=True)
+                return
+            time.sleep(SUSPENSION_RETRY_SECONDS)
+    except Exception as exc:  # the consumer's pipe stays read: a cancel still arrives
+        print(f"flow run {run_id}: suspension not delivered: {exc}", file=sys.stderr, flush=True)
 
 
 @contextmanager

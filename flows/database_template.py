@@ -5,7 +5,7 @@ command's 17 s on a new atomforge home. The first local server of each Prefect v
 a machine keeps a copy of its database, taken right after it started and before any run,
 in ``ATOMFORGE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/atomforge``, else
 ``~/.cache/atomforge``); the local server of every new home starts from that copy. Only
-for the default database (no ``PREFECT_API_DATABASE_CONNECTION_URL``).
+for the default database (see :func:`applies`).
 
 This module imports the standard library only (see :mod:`atomforge.flows.local_server`).
 """
@@ -35,9 +35,19 @@ def template(version: str, env: Mapping[str, str] = os.environ) -> Path:
     return cache_dir(env) / f"prefect-{version}.db"
 
 
+DATABASE_SETTINGS = ("CONNECTION_URL", "DRIVER", "HOST", "PORT", "NAME", "USER", "PASSWORD")
+"""Prefect's settings that point its server at another database than the default."""
+
+
 def applies(env: Mapping[str, str] = os.environ) -> bool:
-    """Return whether the server uses Prefect's default database (a template may seed it)."""
-    return not env.get("PREFECT_API_DATABASE_CONNECTION_URL")
+    """Return whether the server uses Prefect's default database (a template may seed it):
+    no ``PREFECT_SERVER_DATABASE_*`` (or ``PREFECT_API_DATABASE_*``) setting names
+    another."""
+    return not any(
+        env.get(f"{prefix}_{name}")
+        for prefix in ("PREFECT_SERVER_DATABASE", "PREFECT_API_DATABASE")
+        for name in DATABASE_SETTINGS
+    )
 
 
 def seed(database: Path, version: str, env: Mapping[str, str] = os.environ) -> bool:
@@ -74,7 +84,7 @@ def keep(database: Path, version: str, env: Mapping[str, str] = os.environ) -> P
     import sqlite3  # here: commands import this module, and only a new server keeps
 
     try:
-        source = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        source = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
         copy = sqlite3.connect(partial)
         try:
             source.backup(copy)

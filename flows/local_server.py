@@ -536,8 +536,6 @@ def serve(port: int) -> int:
     new_database = database_template.applies() and not database.exists()
     if new_database and database_template.seed(database, prefect.__version__):
         (folder / "prefect" / "migrated-by").write_text(prefect.__version__)
-        if new_database and (kept := database_template.keep(database, prefect.__version__)):
-            print(f"database kept for new local servers: {kept}", flush=True)
         print(f"database copied from {database_template.template(prefect.__version__)}", flush=True)
         new_database = False
     server = os.fork()

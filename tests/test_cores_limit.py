@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from atomforge.flows.scheduling import cores
 from atomforge.flows.scheduling.cores import hold_cores, host_cores
 
 HOLD_ALL = """
@@ -87,3 +88,36 @@ def test_cores_a_parent_lets_go_are_free_while_a_child_it_forked_lives_on(tmp_pa
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_cores_are_counted_one_by_one_up_to_the_hosts(tmp_path, monkeypatch):
+    monkeypatch.setattr(cores, "host_cores", lambda: 4)
+    with hold_cores("test", 3, tmp_path) as held:
+        assert held == 3
+        with hold_cores("test", 1, tmp_path):
+            assert not _acquired_within(tmp_path, 0.5)
+    assert _acquired_within(tmp_path, 1.0, cores=4)
+
+
+def test_a_task_waiting_for_many_cores_is_not_overtaken_by_one_core_tasks(tmp_path, monkeypatch):
+    """Once a two-core task waits behind a held core, a one-core task that comes later
+    waits behind it, though a core is free."""
+    monkeypatch.setattr(cores, "host_cores", lambda: 2)
+    order: list[str] = []
+    with hold_cores("test", 1, tmp_path):
+        big = threading.Thread(target=_take, args=(tmp_path, 2, "big", order), daemon=True)
+        big.start()
+        time.sleep(0.3)
+        small = threading.Thread(target=_take, args=(tmp_path, 1, "small", order), daemon=True)
+        small.start()
+        time.sleep(0.3)
+        assert order == []
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"]
+
+
+def _take(lock_dir: Path, n: int, name: str, order: list[str]) -> None:
+    with hold_cores("test", n, lock_dir):
+        order.append(name)
+        time.sleep(0.1)

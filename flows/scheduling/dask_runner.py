@@ -83,7 +83,8 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
         }
     )
     per_worker = 1 if settings.dask_processes else settings.dask_workers
-    runner_class = DaskTaskRunner if settings.dask_processes else InProcessDaskTaskRunner
+    processes = settings.dask_cluster_kwargs.get("processes", settings.dask_processes)
+    runner_class = DaskTaskRunner if processes else InProcessDaskTaskRunner
     return runner_class(
         cluster_kwargs={
             "n_workers": settings.dask_workers // per_worker,
@@ -177,11 +178,13 @@ class InProcessDaskTaskRunner(DaskTaskRunner):
 
     def workers(self) -> list[dict[str, Any]]:
         """Return what the scheduler says of each worker (``nthreads``, ``resources``): as
-        the cluster heard it when its worker started (no call to the scheduler), or, if
-        it has not heard yet, as the scheduler answers."""
+        the cluster heard it when its workers started (no call to the scheduler), or, if
+        it has not heard of them all yet, as the scheduler answers."""
         client = self.client
-        known = list(self._cluster.scheduler_info["workers"].values())
-        return known or list(client.scheduler_info(n_workers=-1)["workers"].values())
+        known = [] if self._cluster is None else self._cluster.scheduler_info["workers"]
+        if known and len(known) >= self.cluster_kwargs.get("n_workers", 1):
+            return list(known.values())
+        return list(client.scheduler_info(n_workers=-1)["workers"].values())
 
 
 class SlurmTaskRunner(DaskTaskRunner):
