@@ -97,8 +97,10 @@ def _suspension_watched_by_consumer(
 
 def _become_run_process(run: dict) -> None:
     """Leave the consumer's process group and signal handlers; set the run's id in the
-    environment (the run has the consumer's environment, so Prefect's settings, read
-    when the consumer started, are the run's)."""
+    environment. The run keeps the consumer's environment and Prefect's settings as the
+    consumer read them when it started (a profile or ``prefect.toml`` changed since
+    reaches the runs once the consumer starts anew, at ``atomforge service up`` after
+    ``down``, or when atomforge's code changed)."""
     os.setpgid(0, 0)
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
