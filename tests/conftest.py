@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="atomforge-tests-"))
@@ -48,6 +49,19 @@ def water_cluster_xyz(side: int = 4, spacing: float = 3.1) -> str:
     lines = [str(len(cluster)), "water cluster"]
     lines += [f"{a.symbol} {a.x:.6f} {a.y:.6f} {a.z:.6f}" for a in cluster]
     return "\n".join(lines) + "\n"
+
+
+def xtb_process(pid: int, timeout: float = 30) -> psutil.Process:
+    """Return the engine process ``pid`` once it runs xtb: atomforge starts it as
+    ``setpriv ... prlimit ... xtb``, each exec-ing the next in the same process."""
+    import time
+
+    process = psutil.Process(pid)
+    deadline = time.monotonic() + timeout
+    while "xtb" not in process.name():
+        assert time.monotonic() < deadline, f"{process} never became xtb"
+        time.sleep(0.05)
+    return process
 
 
 FLOW_SCRIPT = """

@@ -11,7 +11,12 @@ from pathlib import Path
 import psutil
 
 from atomforge.flows.settings import get_settings
-from tests.conftest import start_simulate_process, use_xtb_wrapper, water_cluster_xyz
+from tests.conftest import (
+    start_simulate_process,
+    use_xtb_wrapper,
+    water_cluster_xyz,
+    xtb_process,
+)
 
 
 def _wait_for_engine(control_root: Path, timeout: float = 90) -> dict:
@@ -43,8 +48,7 @@ def test_sigterm_to_the_flow_kills_the_engine_tree_and_marks_the_run_crashed(tmp
     try:
         control_root = get_settings().resolved_work_root() / ".control"
         record = _wait_for_engine(control_root)
-        engine = psutil.Process(record["pid"])
-        assert "xtb" in engine.name()
+        xtb_process(record["pid"])
         time.sleep(1)
         flow_proc.send_signal(signal.SIGTERM)
         flow_proc.wait(timeout=60)
@@ -80,7 +84,7 @@ def test_a_killed_flow_process_takes_its_engines_with_it(tmp_path):
     try:
         control_root = get_settings().resolved_work_root() / ".control"
         record = _wait_for_engine(control_root)
-        assert "xtb" in psutil.Process(record["pid"]).name()
+        xtb_process(record["pid"])
         flow_proc.send_signal(signal.SIGKILL)
         flow_proc.wait(timeout=30)
         assert _gone(record["pid"], timeout=10), "the engine outlived its flow's process"

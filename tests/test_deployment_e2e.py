@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import WATER_XYZ, water_cluster_xyz
+from tests.conftest import WATER_XYZ, water_cluster_xyz, xtb_process
 from tests.prefect_server import (
     api_get,
     prefect_cli,
@@ -63,7 +63,7 @@ def test_cancelling_a_deployment_run_stops_its_engine(stack, tmp_path):
         assert time.monotonic() < deadline, api_get(env, f"/flow_runs/{flow_run_id}")["state"]
         time.sleep(0.5)
     pid = json.loads(next(pid_dir.glob("*.json")).read_text())["pid"]
-    assert "xtb" in psutil.Process(pid).name()
+    xtb_process(pid)
     prefect_cli(env, "flow-run", "cancel", flow_run_id)
     state = wait_final(env, flow_run_id, timeout=120)
     assert state["type"] == "CANCELLED", state

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import WATER_XYZ, water_cluster_xyz
+from tests.conftest import WATER_XYZ, water_cluster_xyz, xtb_process
 from tests.prefect_server import (
     api_get,
     create_deployment_run,
@@ -59,9 +59,7 @@ def _engine_of(env: dict[str, str], home: Path, flow_run_id: str) -> psutil.Proc
     while not list(pid_dir.glob("*.json")):
         assert time.monotonic() < deadline, api_get(env, f"/flow_runs/{flow_run_id}")["state"]
         time.sleep(0.2)
-    engine = psutil.Process(json.loads(next(pid_dir.glob("*.json")).read_text())["pid"])
-    assert "xtb" in engine.name()
-    return engine
+    return xtb_process(json.loads(next(pid_dir.glob("*.json")).read_text())["pid"])
 
 
 def _wait_gone(process: psutil.Process, timeout: float = 30) -> None:
