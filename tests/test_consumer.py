@@ -22,6 +22,7 @@ from tests.prefect_server import (
     service,
     wait_final,
 )
+from tests.test_cli_signals import wait_until
 from tests.test_warm_exec import _engine_of, _forked, _result, _simulate, _wait_gone
 
 pytestmark = pytest.mark.e2e
@@ -64,17 +65,6 @@ def _logged(env: dict[str, str], flow_run_id: str, text: str) -> bool:
     return False
 
 
-def _records_cleared(runs_dir: Path, timeout: float = 30) -> bool:
-    """Return whether the consumer's run records are all gone within ``timeout`` seconds
-    (it removes one when it reaps the child, which may be after the server saw the run end)."""
-    deadline = time.monotonic() + timeout
-    while any(runs_dir.iterdir()):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def test_a_deployment_run_runs_in_a_child_of_the_consumer(stack, tmp_path):
     env, home, service_dir = stack
     structure = tmp_path / "water.xyz"
@@ -89,7 +79,8 @@ def test_a_deployment_run_runs_in_a_child_of_the_consumer(stack, tmp_path):
     assert _logged(env, flow_run_id, "running xtb on a chunk of 1 structure(s)")
     # GFN2-xTB water, xtb 6.5.1 (tests/test_reference_numbers.py)
     assert _result(home, flow_run_id)["energy_hartree"] == pytest.approx(-5.070544, abs=2e-6)
-    assert _records_cleared(service_dir / "consumer-runs")
+    runs_dir = service_dir / "consumer-runs"  # the record goes when the child is reaped
+    assert wait_until(lambda: not any(runs_dir.iterdir()), timeout=30)
 
 
 def test_cancelling_a_consumer_run_stops_it_and_its_engine(stack, tmp_path):
@@ -122,7 +113,8 @@ def test_a_suspended_run_is_suspended_and_resumes_to_its_result(stack, tmp_path)
     }
     answer = api_post(env, f"/flow_runs/{flow_run_id}/set_state", {"state": suspended})
     assert answer["status"] == "ACCEPT", answer
-    assert _records_cleared(service_dir / "consumer-runs", timeout=240)
+    runs_dir = service_dir / "consumer-runs"
+    assert wait_until(lambda: not any(runs_dir.iterdir()), timeout=240)
     log = (service_dir / "consumer.log").read_text()
     assert f"flow run {flow_run_id}: suspended, telling pid" in log
     state = api_get(env, f"/flow_runs/{flow_run_id}")["state"]
