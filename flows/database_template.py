@@ -7,6 +7,11 @@ in ``ATOMFORGE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/atomforge``, else
 ``~/.cache/atomforge``); the local server of every new home starts from that copy. Only
 for the default database (see :func:`applies`).
 
+A server registers Prefect's block types in its database at start, which loads every
+installed Prefect collection (prefect-dask imports Dask) to find them. The database's
+record of which Prefect version and collections registered them (:func:`block_types_stamp`)
+lets a server with the same ones skip that; the kept database carries its record.
+
 This module imports the standard library only (see :mod:`atomforge.flows.local_server`).
 """
 
@@ -33,6 +38,26 @@ def cache_dir(env: Mapping[str, str] = os.environ) -> Path:
 def template(version: str, env: Mapping[str, str] = os.environ) -> Path:
     """Return where the database of Prefect ``version`` is kept."""
     return cache_dir(env) / f"prefect-{version}.db"
+
+
+def block_types_stamp(version: str) -> str:
+    """Return what decides the block types a Prefect server registers: the Prefect
+    ``version`` and each installed Prefect collection's distribution and version."""
+    from importlib.metadata import entry_points  # here: only a starting server asks
+
+    collections = sorted(
+        f"{point.dist.name}=={point.dist.version}" if point.dist else point.value
+        for point in entry_points(group="prefect.collections")
+    )
+    return "; ".join([f"prefect=={version}", *collections])
+
+
+def kept_block_types(version: str, env: Mapping[str, str] = os.environ) -> str | None:
+    """Return the block types stamp of the kept database of Prefect ``version``, if any."""
+    try:
+        return template(version, env).with_suffix(".blocks").read_text()
+    except OSError:
+        return None
 
 
 DATABASE_SETTINGS = ("CONNECTION_URL", "DRIVER", "HOST", "PORT", "NAME", "USER", "PASSWORD")
@@ -68,10 +93,13 @@ def seed(database: Path, version: str, env: Mapping[str, str] = os.environ) -> b
     return True
 
 
-def keep(database: Path, version: str, env: Mapping[str, str] = os.environ) -> Path | None:
+def keep(
+    database: Path, version: str, block_types: str | None, env: Mapping[str, str] = os.environ
+) -> Path | None:
     """Keep a consistent copy of ``database`` (a server may have it open) as the template
-    of Prefect ``version``, unless one is kept already; return its path, or None when
-    nothing was kept (one exists, or the cache cannot be written)."""
+    of Prefect ``version``, with the stamp of the ``block_types`` registered in it (None:
+    not known), unless one is kept already; return its path, or None when nothing was
+    kept (one exists, or the cache cannot be written)."""
     kept = template(version, env)
     if kept.exists() or not database.is_file():
         return None
@@ -91,6 +119,8 @@ def keep(database: Path, version: str, env: Mapping[str, str] = os.environ) -> P
         finally:
             source.close()
             copy.close()
+        if block_types is not None:
+            kept.with_suffix(".blocks").write_text(block_types)
         os.replace(partial, kept)
     except (OSError, sqlite3.Error):
         Path(partial).unlink(missing_ok=True)

@@ -464,27 +464,55 @@ workers, automations): off, a start is about a second shorter. The service comma
 server (``atomforge service up``) runs them for deployments."""
 
 
-def _migrated(folder: Path) -> str | None:
-    """Return the Prefect version that last migrated the server's database, if known."""
+MIGRATED_BY = "migrated-by"
+"""The record, in the server's Prefect home, of the Prefect version that last migrated
+its database."""
+
+BLOCK_TYPES_BY = "block-types-registered-by"
+"""The record, in the server's Prefect home, of what registered the block types in its
+database (:func:`atomforge.flows.database_template.block_types_stamp`)."""
+
+BLOCK_REGISTRATION_SETTINGS = (
+    "PREFECT_SERVER_REGISTER_BLOCKS_ON_START",
+    "PREFECT_API_BLOCKS_REGISTER_ON_START",
+    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+)
+"""Prefect's settings of block type registration at a server's start."""
+
+
+def _record(folder: Path, name: str) -> str | None:
+    """Return the record ``name`` about the server's database, if it has one."""
     try:
-        return (folder / "prefect" / "migrated-by").read_text().strip()
+        return (folder / "prefect" / name).read_text().strip()
     except OSError:
         return None
 
 
-def _prefect_server(folder: Path, port: int) -> None:
+def _write_record(folder: Path, name: str, value: str) -> None:
+    """Record ``value`` as ``name`` about the server's database."""
+    (folder / "prefect" / name).write_text(value)
+
+
+def _prefect_server(folder: Path, port: int, block_types: str) -> None:
     """Run the Prefect server (API and UI) in this forked process until it is stopped.
 
     The database is migrated on the first start of each Prefect version only (checking
-    an up-to-date database costs a start time), and services that commands do not use
-    stay off unless the environment turns them on.
+    an up-to-date database costs a start time), block types are registered only when
+    ``block_types`` (the installed Prefect and collections) differ from those that last
+    registered them (finding them loads every collection), and services that commands do
+    not use stay off unless the environment turns them on.
     """
     code = 1
     try:
         import prefect
 
-        if _migrated(folder) == prefect.__version__:
+        if _record(folder, MIGRATED_BY) == prefect.__version__:
             os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
+        if _record(folder, BLOCK_TYPES_BY) == block_types:
+            for name in BLOCK_REGISTRATION_SETTINGS:
+                os.environ.setdefault(name, "false")
+            print(f"block types already registered by {block_types}", flush=True)
         for name in UNUSED_SERVICES:
             os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{name}_ENABLED", "false")
         os.environ.update(
@@ -519,7 +547,8 @@ def serve(port: int) -> int:
     Prefect is imported once, before the Prefect server's process forks off, and the rest
     of what commands use while that server starts. A new home's database is copied from
     the one kept by the first local server of this Prefect version, if there is one (see
-    :mod:`atomforge.flows.database_template`); the first keeps its own.
+    :mod:`atomforge.flows.database_template`); the first keeps its own, with the record of
+    the block types registered in it.
     """
     folder = home()
     (folder / "prefect").mkdir(parents=True, exist_ok=True)
@@ -532,16 +561,20 @@ def serve(port: int) -> int:
     began = time.monotonic()
     import prefect
 
+    version = prefect.__version__
+    block_types = database_template.block_types_stamp(version)
     database = folder / "prefect" / database_template.DATABASE_FILE
     new_database = database_template.applies() and not database.exists()
-    if new_database and database_template.seed(database, prefect.__version__):
-        (folder / "prefect" / "migrated-by").write_text(prefect.__version__)
-        print(f"database copied from {database_template.template(prefect.__version__)}", flush=True)
+    if new_database and database_template.seed(database, version):
+        _write_record(folder, MIGRATED_BY, version)
+        if database_template.kept_block_types(version) == block_types:
+            _write_record(folder, BLOCK_TYPES_BY, block_types)
+        print(f"database copied from {database_template.template(version)}", flush=True)
         new_database = False
     server = os.fork()
     if server == 0:
         listener.close()
-        _prefect_server(folder, port)
+        _prefect_server(folder, port, block_types)
     try:
         _warm_up()
         warmed = time.monotonic() - began
@@ -551,8 +584,13 @@ def serve(port: int) -> int:
         except RuntimeError as exc:
             print(exc, flush=True)
             return 1
-        (folder / "prefect" / "migrated-by").write_text(prefect.__version__)
-        if new_database and (kept := database_template.keep(database, prefect.__version__)):
+        _write_record(folder, MIGRATED_BY, version)
+        registered = (
+            None if any(os.environ.get(n) for n in BLOCK_REGISTRATION_SETTINGS) else block_types
+        )
+        if registered is not None:
+            _write_record(folder, BLOCK_TYPES_BY, registered)
+        if new_database and (kept := database_template.keep(database, version, registered)):
             print(f"database kept for new local servers: {kept}", flush=True)
         print(
             f"local server ready: API {api_url}, pid {os.getpid()}; imports took "

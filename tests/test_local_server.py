@@ -127,9 +127,13 @@ def test_a_configured_prefect_api_or_the_opt_out_starts_no_server(tmp_path):
 
 
 def test_a_new_home_starts_from_the_database_the_first_server_kept(tmp_path):
-    """The first local server of this Prefect version keeps its new database; the server
-    of the next new home starts from a copy of it (no migrations) and runs a command."""
+    """The first local server of this Prefect version keeps its new database and the
+    record of the block types registered in it; the server of the next new home starts
+    from a copy of it (no migrations, no block registration: its block types are there)
+    and runs a command."""
     import prefect
+
+    from atomforge.flows.database_template import block_types_stamp
 
     cache = tmp_path / "cache"
     homes = []
@@ -143,6 +147,8 @@ def test_a_new_home_starts_from_the_database_the_first_server_kept(tmp_path):
         homes.append(env)
         try:
             ran = run_atomforge(env, "run", "-", "--kind", "singlepoint", "--json", stdin=WATER_XYZ)
+            api = record(env)["api_url"]
+            assert httpx.get(f"{api}/block_types/slug/local-file-system").status_code == 200
         finally:
             run_atomforge(env, "server", "stop")
         assert ran.returncode == 0, ran.stderr
@@ -152,3 +158,8 @@ def test_a_new_home_starts_from_the_database_the_first_server_kept(tmp_path):
     assert f"database kept for new local servers: {kept}" in first.read_text()
     assert f"database copied from {kept}" in second.read_text()
     assert "database kept" not in second.read_text()
+    stamp = block_types_stamp(prefect.__version__)
+    assert stamp.startswith(f"prefect=={prefect.__version__}")
+    assert (cache / f"prefect-{prefect.__version__}.blocks").read_text() == stamp
+    assert "block types already registered" not in first.read_text()
+    assert f"block types already registered by {stamp}" in second.read_text()
