@@ -5,7 +5,8 @@ fresh process: the first command on the machine (a new atomforge home and cache 
 it starts the local server, which creates its database by Prefect's migrations and keeps
 a copy), the first command on another new home (its server's database is that copy), the
 first after ``atomforge server stop`` (it starts the server on the existing database),
-then ``--warm`` commands against the running server; and, in the
+``atomforge server prepare`` as ``.ci/setup`` runs it (another new cache folder) and the
+first command after it, then ``--warm`` commands against the running server; and, in the
 same run, the ``xtb`` program optimizing the same file the way atomforge calls it. Prints
 each figure, the warm median and its ratio to xtb's median. ``--embedded`` also times
 commands with ``ATOMFORGE_LOCAL_SERVER=false`` (Prefect's embedded server per command).
@@ -67,10 +68,17 @@ def main() -> None:
     for name in ("PREFECT_API_URL", "ATOMFORGE_LOCAL_SERVER"):
         first.pop(name, None)
     env = first | {"ATOMFORGE_HOME": str(scratch / "home")}
+    prepared = first | {
+        "ATOMFORGE_HOME": str(scratch / "after-setup"),
+        "ATOMFORGE_CACHE_DIR": str(scratch / "prepared-cache"),
+    }
     command = [ATOMFORGE, "run", str(structure), "--engine", "xtb"]
     try:
         migrated = timed(command, first, REPO)
         timed([ATOMFORGE, "server", "stop"], first, REPO)
+        prepare = timed([ATOMFORGE, "server", "prepare"], prepared, REPO)
+        after_prepare = timed(command, prepared, REPO)
+        timed([ATOMFORGE, "server", "stop"], prepared, REPO)
         new_home = timed(command, env, REPO)
         timed([ATOMFORGE, "server", "stop"], env, REPO)
         restart = timed(command, env, REPO)
@@ -83,13 +91,15 @@ def main() -> None:
             for _ in range(args.embedded)
         ]
     finally:
-        for each in (first, env):
+        for each in (first, env, prepared):
             subprocess.run([ATOMFORGE, "server", "stop"], env=each, capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"atomforge run {structure.name} --engine xtb, whole process, {os.cpu_count()} cores")
     print(f"  first command on the machine, new home:  {migrated:7.2f} s")
     print(f"  first command, new atomforge home:       {new_home:7.2f} s")
     print(f"  first command, server stopped before:    {restart:7.2f} s")
+    print(f"  `atomforge server prepare` (.ci/setup):  {prepare:7.2f} s")
+    print(f"  first command after it, new home:        {after_prepare:7.2f} s")
     print(
         f"  next {len(warm)} commands: median {median(warm):.2f} s  (min {min(warm):.2f}, "
         f"max {max(warm):.2f})"

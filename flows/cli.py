@@ -522,6 +522,14 @@ def cmd_server(args: argparse.Namespace) -> int:
         stopped = local_server.stop()
         print("local server stopped" if stopped else "no local server was running")
         return 0
+    if args.action == "prepare":
+        try:
+            kept = local_server.prepare()
+        except RuntimeError as exc:
+            print(f"atomforge: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"new local servers start from {kept}")
+        return 0
     if args.action == "start":
         local_server.wait_healthy(local_server.ensure())
     state, line = local_server.status()
@@ -664,8 +672,9 @@ def _add_server_parser(sub: argparse._SubParsersAction) -> None:
     )
     server.add_argument(
         "action",
-        choices=["start", "status", "stop"],
-        help="start it (and wait until it answers), report on it (exit 1 if none), stop it",
+        choices=["start", "status", "stop", "prepare"],
+        help="start it (and wait until it answers), report on it (exit 1 if none), stop "
+        "it, or prepare the database new homes' servers start from (.ci/setup does)",
     )
     server.set_defaults(func=cmd_server)
 

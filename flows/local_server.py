@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -264,6 +265,43 @@ def status(env: Mapping[str, str] = os.environ) -> tuple[ServerState | None, str
         f"local server pid {state.pid}, {health}, up {minutes:.0f} min; "
         f"UI and API at http://127.0.0.1:{state.port} ({folder})"
     )
+
+
+def prepare(env: Mapping[str, str] = os.environ) -> Path:
+    """Return the database that new homes' local servers start from for the installed
+    Prefect, building it first if it is not kept yet (a throwaway home's server runs
+    Prefect's migrations and registers its block types, about 15 s, then stops): so that
+    not even the first command on a machine waits for that. RuntimeError if it cannot."""
+    from importlib.metadata import version
+
+    kept = database_template.template(version("prefect"), env)
+    if kept.exists():
+        return kept
+    if not database_template.applies(env):
+        raise RuntimeError("a PREFECT_*_DATABASE_* setting names another database: none to build")
+    with tempfile.TemporaryDirectory(prefix="atomforge-prepare-") as scratch:
+        throwaway = {**env, "ATOMFORGE_HOME": scratch}
+        throwaway.pop("PREFECT_API_URL", None)
+        state = ensure(throwaway)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            while not kept.exists():
+                if not state.alive() or time.monotonic() > deadline:
+                    log = home(throwaway) / "server.log"
+                    raise RuntimeError(f"no database was kept: {_last_line(log)}")
+                time.sleep(HEALTH_POLL_SECONDS)
+        finally:
+            _stop(home(throwaway), state)
+    return kept
+
+
+def _last_line(path: Path) -> str:
+    """Return the last line of the text file ``path`` (empty if there is none)."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 # --- the command side ----------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -163,3 +164,33 @@ def test_a_new_home_starts_from_the_database_the_first_server_kept(tmp_path):
     assert (cache / f"prefect-{prefect.__version__}.blocks").read_text() == stamp
     assert "block types already registered" not in first.read_text()
     assert f"block types already registered by {stamp}" in second.read_text()
+
+
+def test_server_prepare_builds_the_database_new_homes_start_from_and_leaves_no_server(
+    tmp_path,
+):
+    """``atomforge server prepare`` (what .ci/setup runs) keeps a migrated database with
+    its block types record for the installed Prefect, through a throwaway home whose
+    server it stops; run again, it finds the database kept and starts nothing."""
+    import prefect
+    import psutil
+
+    cache = tmp_path / "cache"
+    env = os.environ.copy() | {
+        "ATOMFORGE_HOME": str(tmp_path / "home"),
+        "ATOMFORGE_CACHE_DIR": str(cache),
+    }
+    env.pop("PREFECT_API_URL", None)
+    kept = cache / f"prefect-{prefect.__version__}.db"
+    for _ in range(2):
+        prepared = run_atomforge(env, "server", "prepare")
+        assert prepared.returncode == 0, prepared.stderr
+        assert prepared.stdout.strip() == f"new local servers start from {kept}"
+    assert kept.is_file()
+    assert kept.with_suffix(".blocks").read_text().startswith(f"prefect=={prefect.__version__}")
+    assert not (tmp_path / "home").exists()
+    throwaway = f"{tempfile.gettempdir()}/atomforge-prepare-"
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        if "serve" in (process.info["cmdline"] or []):
+            home = (process.info["environ"] or {}).get("ATOMFORGE_HOME", "")
+            assert not home.startswith(throwaway), process
