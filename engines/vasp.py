@@ -4,6 +4,9 @@ Template: ASE's ``GenerateVaspInput`` writes INCAR, POSCAR, KPOINTS and POTCAR (
 sorted by element, the order kept in ``ase-sort.dat``); ASE reads ``vasprun.xml``, or
 ``OUTCAR`` when there is none. Profile: :class:`VaspProfile` says how to launch VASP and
 where its POTCARs are. VASP is licensed: without it every step but the run is testable.
+
+ASE's VASP modules are imported where they are used: importing them imports matplotlib
+(through ``ase.vibrations``), 0.4 s of every process that loads the engine registry.
 """
 
 from __future__ import annotations
@@ -13,13 +16,11 @@ import shlex
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.vasp import Vasp
-from ase.calculators.vasp.create_input import GenerateVaspInput, get_pp_setup
 from ase.config import ASEEnvDeprecationWarning
 from ase.io import read
 from pydantic import Field, field_validator, model_validator
@@ -39,6 +40,9 @@ from atomforge.engines.errors import InputError
 from atomforge.engines.mpi import MpiProfile
 from atomforge.engines.parameters import CalculationKind, CalculationParameters
 from atomforge.engines.status import JobStatus
+
+if TYPE_CHECKING:
+    from ase.calculators.vasp.create_input import GenerateVaspInput
 
 POTCAR_FAMILIES = {"pbe": "potpaw_PBE", "lda": "potpaw"}
 OUTPUT_FILES = ("vasprun.xml", "OUTCAR", "CONTCAR")
@@ -85,6 +89,8 @@ class VaspOptions(EngineOptions):
     @classmethod
     def _known_xc(cls, value: str) -> str:
         """Return ``value`` if ASE has a recipe for it."""
+        from ase.calculators.vasp.create_input import GenerateVaspInput
+
         if value.lower() not in GenerateVaspInput.xc_defaults:
             raise ValueError(f"unknown xc {value!r} (ASE's recipes: PBE, LDA, PBEsol, ...)")
         return value
@@ -93,6 +99,8 @@ class VaspOptions(EngineOptions):
     @classmethod
     def _known_setups(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:
         """Return ``value`` if ASE knows the setups it names."""
+        from ase.calculators.vasp.create_input import get_pp_setup
+
         try:
             get_pp_setup(value)
         except (KeyError, ValueError):
@@ -104,6 +112,8 @@ class VaspOptions(EngineOptions):
     @classmethod
     def _lower_tags(cls, value: dict[str, Any]) -> dict[str, Any]:
         """Return the tags lower-cased, as ASE takes them, once ASE has accepted them."""
+        from ase.calculators.vasp.create_input import GenerateVaspInput
+
         tags = {key.lower(): item for key, item in value.items()}
         try:
             GenerateVaspInput().set(**tags)
@@ -212,6 +222,8 @@ def _scf_converged(directory: Path) -> bool | None:
         return None
     lines = path.read_text(errors="replace").splitlines()
     aborts = [i for i, line in enumerate(lines) if "aborting loop" in line]
+    from ase.calculators.vasp import Vasp
+
     return Vasp().read_convergence(lines[aborts[-1] :] if aborts else lines)
 
 
@@ -256,6 +268,8 @@ class VaspEngine(Engine):
 
     def _generator(self, atoms: Atoms, params: CalculationParameters) -> GenerateVaspInput:
         """Return ASE's VASP input writer set up for ``atoms``, its POTCARs found."""
+        from ase.calculators.vasp.create_input import GenerateVaspInput
+
         opts: VaspOptions = params.options
         if self.profile.pp_path is None:
             raise InputError("vasp: no POTCAR folder: set VASP_PP_PATH")
