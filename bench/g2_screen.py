@@ -7,6 +7,11 @@ wall times, their ratio and the overhead per structure, as medians over ``--repe
 alternating rounds. Run:
 ``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N] [--copies N]
 [--repeat R]`` (``--copies 10``: the 1,190-structure case).
+
+``--whole-process`` times what a user runs instead, each round a fresh process: the bare
+pool as a Python script of its own (``--bare-folder``: it imports what it uses), and the
+``atomforge screen FOLDER`` command, which goes to the local server of a temporary
+atomforge home (started, and a first command run, before the rounds; stopped after).
 """
 
 from __future__ import annotations
@@ -91,6 +96,44 @@ def one_openmp_thread() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def bare_folder(folder: Path, engine: str, workers: int) -> None:
+    """Compute every xyz file of ``folder`` in a bare pool, as a script of its own would."""
+    jobs = [(path.stem, path.read_text()) for path in sorted(folder.glob("*.xyz"))]
+    with Pool(workers, initializer=one_openmp_thread) as pool:
+        done = pool.map(bare_xtb if engine == "xtb" else bare_tblite, jobs, chunksize=1)
+    print(f"{len(done)} done")
+
+
+def timed_process(argv: list[str], env: dict[str, str]) -> float:
+    """Run ``argv`` to completion (exit 0 required); return its wall time in seconds."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def whole_processes(folder: Path, engine: str, workers: int, repeat: int) -> tuple[list, list]:
+    """Time the bare script and ``atomforge screen`` as fresh processes, alternating;
+    return both lists of wall times."""
+    atomforge = str(Path(sys.executable).with_name("atomforge"))
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env |= {"ATOMFORGE_LOCAL_SERVER": "true", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    command = [atomforge, "screen", str(folder), "--engine", engine]
+    bare_command = [sys.executable, __file__, "--bare-folder", str(folder), "--engine", engine]
+    bare_command += ["--workers", str(workers)]
+    bare_times, forge_times = [], []
+    try:
+        timed_process(command, env)  # starts the local server
+        for _ in range(repeat):
+            bare_times.append(timed_process(bare_command, env))
+            forge_times.append(timed_process(command, env))
+    finally:
+        subprocess.run([atomforge, "server", "stop"], env=env, capture_output=True)
+    return bare_times, forge_times
+
+
 def main() -> None:
     """Run both ways ``--repeat`` times, alternating, and print the median figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,7 +144,14 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument(
+        "--whole-process", action="store_true", help="time each way as a fresh process"
+    )
+    parser.add_argument("--bare-folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_folder:
+        bare_folder(args.bare_folder, args.engine, args.workers)
+        return
     os.environ["ATOMFORGE_DASK_WORKERS"] = str(args.workers)
     os.environ["ATOMFORGE_REUSE"] = "false"  # every round computes
     os.environ.setdefault("ATOMFORGE_HOME", tempfile.mkdtemp(prefix="atomforge-bench-"))
@@ -113,7 +163,6 @@ def main() -> None:
     from atomforge.flows.screen import screen
     from atomforge.flows.simulate import simulate
 
-    embedded_server.start()  # as `atomforge screen` with ATOMFORGE_LOCAL_SERVER=false
     molecules = rattled_copies(closed_shell_g2()[: args.limit], args.copies)
     folder = Path(tempfile.mkdtemp(prefix="g2-", dir=os.environ["ATOMFORGE_HOME"]))
     jobs = []
@@ -123,31 +172,33 @@ def main() -> None:
     params = make_parameters(engine=args.engine)
     bare_job = bare_xtb if args.engine == "xtb" else bare_tblite
 
-    asyncio.run(simulate(StructureSource(text=to_extxyz(g2["H2O"])), params))  # warm-up
+    if args.whole_process:
+        bare_times, forge_times = whole_processes(folder, args.engine, args.workers, args.repeat)
+        bare_done = forge_done = "fresh processes"
+    else:
+        embedded_server.start()  # as `atomforge screen` with ATOMFORGE_LOCAL_SERVER=false
+        asyncio.run(simulate(StructureSource(text=to_extxyz(g2["H2O"])), params))  # warm-up
+        bare_times, forge_times = [], []
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            with Pool(args.workers, initializer=one_openmp_thread) as pool:
+                bare = pool.map(bare_job, jobs, chunksize=1)
+            bare_times.append(time.perf_counter() - started)
 
-    bare_times, forge_times = [], []
-    for _ in range(args.repeat):
-        started = time.perf_counter()
-        with Pool(args.workers, initializer=one_openmp_thread) as pool:
-            bare = pool.map(bare_job, jobs, chunksize=1)
-        bare_times.append(time.perf_counter() - started)
-
-        started = time.perf_counter()
-        report = asyncio.run(screen(StructureSource(path=str(folder)), params))
-        forge_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            report = asyncio.run(screen(StructureSource(path=str(folder)), params))
+            forge_times.append(time.perf_counter() - started)
+        bare_done = f"{len(bare)} done"
+        forge_done = f"{report.n_completed} of {report.n_structures} completed"
 
     n = len(molecules)
     bare_seconds, forge_seconds = median(bare_times), median(forge_times)
     copies = f" x {args.copies} rattled copies" if args.copies > 1 else ""
     print(f"molecules: {n} closed-shell G2{copies}, engine {args.engine}, {args.workers} workers")
     print(f"median of {args.repeat} rounds (min in brackets)")
+    print(f"bare multiprocessing pool: {bare_seconds:8.2f} s [{min(bare_times):.2f}] ({bare_done})")
     print(
-        f"bare multiprocessing pool: {bare_seconds:8.2f} s [{min(bare_times):.2f}] "
-        f"({len(bare)} done)"
-    )
-    print(
-        f"atomforge screen:          {forge_seconds:8.2f} s [{min(forge_times):.2f}] "
-        f"({report.n_completed} of {report.n_structures} completed)"
+        f"atomforge screen:          {forge_seconds:8.2f} s [{min(forge_times):.2f}] ({forge_done})"
     )
     print(f"ratio atomforge / bare:    {forge_seconds / bare_seconds:8.2f}")
     print(f"overhead per structure:    {(forge_seconds - bare_seconds) / n * 1000:8.1f} ms")

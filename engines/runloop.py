@@ -14,6 +14,7 @@ module owns what every engine shares, so they all have the same crash semantics:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from atomforge.engines.errors import EngineError, RunStopped
 from atomforge.engines.parameters import CalculationParameters
 from atomforge.engines.process import LineSplitter, ProcessOutcome, run_process
 from atomforge.engines.status import RUNNER_STATUS_FILE, JobStatus, Status, status_from_exit
+from atomforge.engines.warm_runner import prewarm
 
 OutputSink = Callable[[str], None]
 """Takes engine output text as it arrives: blocks of any size, not necessarily whole lines."""
@@ -81,6 +83,14 @@ def run_jobs(
     crashed = [s for s in statuses if s.status is Status.crashed]
     if crashed:
         raise EngineError(f"{engine.name}: {crashed[0].message}", retryable=True)
+
+
+def prepare_runner(engine: Engine, params: CalculationParameters) -> None:
+    """Start, in this process, the warm zygote that ``engine``'s runner for ``params``
+    will be forked from, if it has one (see :mod:`atomforge.engines.warm_runner`), so
+    that its imports overlap what comes before the first chunk."""
+    command = engine.command(params, [])
+    prewarm(command.argv, {**os.environ, **command.env})
 
 
 def _run_each(

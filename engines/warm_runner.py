@@ -210,6 +210,18 @@ class _Zygotes:
 _ZYGOTES = _Zygotes()
 
 
+def prewarm(argv: list[str], env: dict[str, str]) -> None:
+    """Start the zygote that the runner ``argv`` with environment ``env`` (complete) is
+    to be forked from, unless warm runners are off, ``argv`` is another command, or that
+    zygote runs already: its imports then overlap what a run does before its first
+    chunk. A zygote that cannot start is left to :func:`start_warm` to find."""
+    settings = WarmRunnerSettings()
+    if runner_args(argv) is None or not settings.warm_runners:
+        return
+    with contextlib.suppress(OSError):
+        _ZYGOTES.get(env, settings.warm_runner_modules)
+
+
 def start_warm(
     argv: list[str], *, cwd: str, env: dict[str, str], log_fd: int
 ) -> WarmProcess | None:

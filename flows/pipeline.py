@@ -21,6 +21,7 @@ from prefect.states import Completed, Failed, State
 from atomforge.engines import get_engine
 from atomforge.engines.errors import AtomforgeError, InputError, RunStopped
 from atomforge.engines.parameters import CalculationParameters
+from atomforge.engines.runloop import prepare_runner
 from atomforge.engines.status import RUNNER_STATUS_FILE, STATUS_FILE, JobStatus, Status
 from atomforge.flows.hooks import begin_attempt, record_ending, stop_run_engines
 from atomforge.flows.jobs import Job, RunContext, engine_owner, plan_jobs
@@ -34,7 +35,7 @@ from atomforge.flows.paths import RunPaths, run_paths, writable_roots
 from atomforge.flows.retry import retrying
 from atomforge.flows.scheduling.chunking import balanced_chunks, estimated_cost, n_chunks
 from atomforge.flows.scheduling.claims import claim_owner
-from atomforge.flows.scheduling.dask_runner import engine_slots
+from atomforge.flows.scheduling.dask_runner import InProcessDaskTaskRunner, engine_slots
 from atomforge.flows.settings import KeepWorkdir, Settings, get_settings
 from atomforge.flows.steps import (
     engine_limit_tags,
@@ -372,6 +373,8 @@ async def run_structures(
         resumed, jobs = _resume(planned, previous, params, run)
         reuse = settings.reuse if options.reuse is None else options.reuse
         reused, jobs = _reuse_stored(jobs, run, reuse)
+        if jobs and isinstance(context.task_runner, InProcessDaskTaskRunner):
+            prepare_runner(get_engine(params.engine), params)  # its chunks run in this process
         for result in resumed + reused:
             progress.advance(result)
         if not single:  # one structure: its bar and the run's state say it all

@@ -21,7 +21,7 @@ from ase.io import read
 from atomforge.engines import warm_runner
 from atomforge.engines.process import kill_recorded, run_process
 from atomforge.engines.registry import get_engine, make_parameters
-from atomforge.engines.runloop import RunControl, _unfinished, run_jobs
+from atomforge.engines.runloop import RunControl, _unfinished, prepare_runner, run_jobs
 from atomforge.engines.status import RUNNER_STATUS_FILE, JobStatus, Status
 from tests.conftest import REPO, water_cluster_xyz
 
@@ -293,3 +293,22 @@ def test_a_failing_calculator_fails_warm_as_it_fails_cold(tmp_path, monkeypatch)
         outcomes[mode] = (status.status, status.message)
     assert outcomes["true"] == outcomes["false"]
     assert outcomes["true"][0] is Status.failed
+
+
+def test_prepare_runner_starts_the_zygote_the_first_chunk_is_forked_from(tmp_path):
+    """What a run does once it knows it has structures to compute: the engine's zygote
+    starts then, and the first chunk finds it (same environment) rather than starting
+    another; an engine without a runner (xtb) starts none."""
+    engine = get_engine("tblite")
+    params = make_parameters("tblite", kind="optimize")
+    warm_runner._ZYGOTES.forget()
+    prepare_runner(get_engine("xtb"), make_parameters("xtb"))
+    assert _zygote_pid() is None
+    prepare_runner(engine, params)
+    zygote = _zygote_pid()
+    assert zygote is not None
+    directories = _prepare(tmp_path, "tblite", {"H2O": MOLECULES["H2O"]}, kind="optimize")
+    control = RunControl(tmp_path / "pids", tmp_path / "stop", lambda text: None, lambda d, s: None)
+    run_jobs(engine, directories, params, control)
+    assert JobStatus.read(directories[0]).status is Status.completed
+    assert _zygote_pid() == zygote  # a chunk of another environment would have replaced it
