@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +34,17 @@ class EngineOptions(BaseModel):
     """Options of one engine (the Prefect UI renders each engine's own subclass)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+@cache
+def installed_version(distribution: str) -> str | None:
+    """Return the installed version of the Python ``distribution``, or None if it is not
+    installed: read once per process (the metadata scan costs about 3 ms, and every
+    result names its engine's version)."""
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 @dataclass

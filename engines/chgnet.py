@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 from contextlib import redirect_stdout
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from ase.calculators.calculator import Calculator
 from pydantic import Field, field_validator
 
 from atomforge.engines.ase_engine import AseEngine
+from atomforge.engines.base import installed_version
 from atomforge.engines.errors import InputError
 from atomforge.engines.ml_potential import (
     INSTALL_HINT,
@@ -145,7 +145,5 @@ class ChgnetEngine(AseEngine):
 
     def version(self) -> str:
         """Return the installed chgnet version (the model is in the options)."""
-        try:
-            return f"chgnet {version('chgnet')}"
-        except PackageNotFoundError:
-            return "chgnet not installed"
+        installed = installed_version("chgnet")
+        return f"chgnet {installed}" if installed else "chgnet not installed"

@@ -11,7 +11,6 @@ gives every structure of its chunk a ``MACECalculator`` on it.
 from __future__ import annotations
 
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -21,7 +20,7 @@ from ase.data import chemical_symbols
 from pydantic import Field, field_validator
 
 from atomforge.engines.ase_engine import AseEngine
-from atomforge.engines.base import EngineResults
+from atomforge.engines.base import EngineResults, installed_version
 from atomforge.engines.errors import InputError
 from atomforge.engines.ml_potential import (
     INSTALL_HINT,
@@ -143,7 +142,5 @@ class MaceEngine(AseEngine):
 
     def version(self) -> str:
         """Return the installed mace-torch version (the model is in the options)."""
-        try:
-            return f"mace-torch {version('mace-torch')}"
-        except PackageNotFoundError:
-            return "mace-torch not installed"
+        installed = installed_version("mace-torch")
+        return f"mace-torch {installed}" if installed else "mace-torch not installed"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import version
 from typing import Any, Literal
 
 import numpy as np
@@ -12,7 +11,7 @@ from ase.units import Hartree
 from pydantic import Field
 
 from atomforge.engines.ase_engine import AseEngine
-from atomforge.engines.base import EngineOptions
+from atomforge.engines.base import EngineOptions, installed_version
 from atomforge.engines.errors import InputError
 from atomforge.engines.parameters import CalculationParameters
 
@@ -81,4 +80,4 @@ class TbliteEngine(AseEngine):
 
     def version(self) -> str:
         """Return the installed tblite version."""
-        return f"tblite {version('tblite')}"
+        return f"tblite {installed_version('tblite')}"
