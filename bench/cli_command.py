@@ -3,10 +3,11 @@
 Times ``atomforge run STRUCTURE --engine xtb`` as a person or a script runs it, each a
 fresh process: the first command on the machine (a new atomforge home and cache folder:
 it starts the local server, which creates its database by Prefect's migrations and keeps
-a copy), the first command on another new home (its server's database is that copy), the
-first after ``atomforge server stop`` (it starts the server on the existing database),
-``atomforge server prepare`` as ``.ci/setup`` runs it (another new cache folder) and the
-first command after it, then ``--warm`` commands against the running server; and, in the
+a copy), ``atomforge server prepare`` as ``.ci/setup`` runs it (another new cache folder)
+and the first command after it, the first command on another new home (its server's
+database is the first one's copy), the first after ``atomforge server stop`` (it starts
+the server on the existing database), then ``--warm`` commands against the running
+server; and, in the
 same run, the ``xtb`` program optimizing the same file the way atomforge calls it. Prints
 each figure, the warm median and its ratio to xtb's median. ``--embedded`` also times
 commands with ``ATOMFORGE_LOCAL_SERVER=false`` (Prefect's embedded server per command).

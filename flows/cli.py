@@ -517,7 +517,8 @@ def cmd_job_script(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """Start, report on or stop this atomforge home's local server. Return the exit code."""
+    """Start, report on or stop this atomforge home's local server, or prepare the
+    database new homes' servers start from. Return the exit code."""
     if args.action == "stop":
         stopped = local_server.stop()
         print("local server stopped" if stopped else "no local server was running")

@@ -60,6 +60,43 @@ def kept_block_types(version: str, env: Mapping[str, str] = os.environ) -> str |
         return None
 
 
+MIGRATED_BY = "migrated-by"
+"""The record of the Prefect version that last migrated a home's database."""
+
+BLOCK_TYPES_BY = "block-types-registered-by"
+"""The record of what registered the block types in a home's database
+(:func:`block_types_stamp`)."""
+
+BLOCK_REGISTRATION_SETTINGS = (
+    "PREFECT_SERVER_REGISTER_BLOCKS_ON_START",
+    "PREFECT_API_BLOCKS_REGISTER_ON_START",
+    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+)
+"""Prefect's settings of block type registration at a server's start: when the
+environment sets any, the server does as they say and nothing is recorded (settings in
+Prefect's files are not looked at)."""
+
+
+def read_record(prefect_home: Path, name: str) -> str | None:
+    """Return the record ``name`` about the database in ``prefect_home``, if there is one."""
+    try:
+        return (prefect_home / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def write_record(prefect_home: Path, name: str, value: str) -> None:
+    """Record ``value`` as ``name`` about the database in ``prefect_home``."""
+    (prefect_home / name).write_text(value)
+
+
+def forget_records(prefect_home: Path) -> None:
+    """Remove the records about the database in ``prefect_home`` (it is about to be new)."""
+    for name in (MIGRATED_BY, BLOCK_TYPES_BY):
+        (prefect_home / name).unlink(missing_ok=True)
+
+
 DATABASE_SETTINGS = ("CONNECTION_URL", "DRIVER", "HOST", "PORT", "NAME", "USER", "PASSWORD")
 """Prefect's settings that point its server at another database than the default."""
 
@@ -119,10 +156,26 @@ def keep(
         finally:
             source.close()
             copy.close()
-        if block_types is not None:
-            kept.with_suffix(".blocks").write_text(block_types)
+        _keep_block_types(kept.with_suffix(".blocks"), block_types)
         os.replace(partial, kept)
     except (OSError, sqlite3.Error):
         Path(partial).unlink(missing_ok=True)
         return None
     return kept
+
+
+def _keep_block_types(path: Path, block_types: str | None) -> None:
+    """Write the stamp ``block_types`` to ``path`` whole, or remove it when not known."""
+    if block_types is None:
+        path.unlink(missing_ok=True)
+        return
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(block_types)
+    os.replace(partial, path)
+
+
+def discard(version: str, env: Mapping[str, str] = os.environ) -> None:
+    """Remove the kept database of Prefect ``version`` and its block types stamp."""
+    kept = template(version, env)
+    kept.unlink(missing_ok=True)
+    kept.with_suffix(".blocks").unlink(missing_ok=True)

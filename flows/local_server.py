@@ -150,12 +150,14 @@ class ServerState:
         tmp.replace(folder / "server.json")
 
     def alive(self) -> bool:
-        """Return whether the recorded process is a running local server."""
+        """Return whether the recorded process is a running local server (or one being
+        started: right after ``Popen`` returns, the kernel may not have set the new
+        program's arguments yet, and its command line reads empty)."""
         try:
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
         except OSError:
             return False
-        return MARKER.encode() in cmdline
+        return MARKER.encode() in cmdline or (not cmdline and _exists(self.pid))
 
     def healthy(self, timeout: float = 2.0) -> bool:
         """Return whether the Prefect API answers its health check."""
@@ -228,19 +230,35 @@ def _start(folder: Path, env: Mapping[str, str], stamp: str) -> ServerState:
 
 
 def _stop(folder: Path, state: ServerState, timeout: float = 20.0) -> bool:
-    """Stop the recorded server's process group and forget it; return whether it ran."""
+    """Stop the recorded server's process group (its Prefect server and commands too)
+    and forget it; return whether it ran."""
     running = state.alive()
     if running:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(state.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _exists(state.pid) and time.monotonic() < deadline:
+        while _group_members(state.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _exists(state.pid):
+        if _group_members(state.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(state.pid, signal.SIGKILL)
     (folder / "server.json").unlink(missing_ok=True)
     return running
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Return the live processes (not zombies) of process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
 
 
 def stop(env: Mapping[str, str] = os.environ) -> bool:
@@ -269,26 +287,36 @@ def status(env: Mapping[str, str] = os.environ) -> tuple[ServerState | None, str
 
 def prepare(env: Mapping[str, str] = os.environ) -> Path:
     """Return the database that new homes' local servers start from for the installed
-    Prefect, building it first if it is not kept yet (a throwaway home's server runs
-    Prefect's migrations and registers its block types, about 15 s, then stops): so that
-    not even the first command on a machine waits for that. RuntimeError if it cannot."""
+    Prefect, building it first unless one is kept with the installed collections' block
+    types (a throwaway home's server runs Prefect's migrations and registers its block
+    types, about 15 s, then stops): so that not even the first command on a machine
+    waits for that. RuntimeError if it cannot."""
     from importlib.metadata import version
 
-    kept = database_template.template(version("prefect"), env)
-    if kept.exists():
+    prefect_version = version("prefect")
+    kept = database_template.template(prefect_version, env)
+    stamp = database_template.block_types_stamp(prefect_version)
+    if kept.exists() and database_template.kept_block_types(prefect_version, env) == stamp:
         return kept
     if not database_template.applies(env):
         raise RuntimeError("a PREFECT_*_DATABASE_* setting names another database: none to build")
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        database_template.discard(prefect_version, env)
+    except OSError as exc:
+        raise RuntimeError(f"cannot write {kept.parent}: {exc.strerror}") from None
     with tempfile.TemporaryDirectory(prefix="atomforge-prepare-") as scratch:
         throwaway = {**env, "ATOMFORGE_HOME": scratch}
-        throwaway.pop("PREFECT_API_URL", None)
+        for name in ("PREFECT_API_URL", "ATOMFORGE_LOCAL_SERVER_PORT"):
+            throwaway.pop(name, None)
         state = ensure(throwaway)
         try:
             deadline = time.monotonic() + START_TIMEOUT_SECONDS
             while not kept.exists():
                 if not state.alive() or time.monotonic() > deadline:
+                    why = "timed out" if state.alive() else f"server pid {state.pid} ended"
                     log = home(throwaway) / "server.log"
-                    raise RuntimeError(f"no database was kept: {_last_line(log)}")
+                    raise RuntimeError(f"no database was kept ({why}): {_last_line(log)}")
                 time.sleep(HEALTH_POLL_SECONDS)
         finally:
             _stop(home(throwaway), state)
@@ -502,36 +530,6 @@ workers, automations): off, a start is about a second shorter. The service comma
 server (``atomforge service up``) runs them for deployments."""
 
 
-MIGRATED_BY = "migrated-by"
-"""The record, in the server's Prefect home, of the Prefect version that last migrated
-its database."""
-
-BLOCK_TYPES_BY = "block-types-registered-by"
-"""The record, in the server's Prefect home, of what registered the block types in its
-database (:func:`atomforge.flows.database_template.block_types_stamp`)."""
-
-BLOCK_REGISTRATION_SETTINGS = (
-    "PREFECT_SERVER_REGISTER_BLOCKS_ON_START",
-    "PREFECT_API_BLOCKS_REGISTER_ON_START",
-    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION",
-    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION",
-)
-"""Prefect's settings of block type registration at a server's start."""
-
-
-def _record(folder: Path, name: str) -> str | None:
-    """Return the record ``name`` about the server's database, if it has one."""
-    try:
-        return (folder / "prefect" / name).read_text().strip()
-    except OSError:
-        return None
-
-
-def _write_record(folder: Path, name: str, value: str) -> None:
-    """Record ``value`` as ``name`` about the server's database."""
-    (folder / "prefect" / name).write_text(value)
-
-
 def _prefect_server(folder: Path, port: int, block_types: str) -> None:
     """Run the Prefect server (API and UI) in this forked process until it is stopped.
 
@@ -545,12 +543,17 @@ def _prefect_server(folder: Path, port: int, block_types: str) -> None:
     try:
         import prefect
 
-        if _record(folder, MIGRATED_BY) == prefect.__version__:
-            os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
-        if _record(folder, BLOCK_TYPES_BY) == block_types:
-            for name in BLOCK_REGISTRATION_SETTINGS:
-                os.environ.setdefault(name, "false")
-            print(f"block types already registered by {block_types}", flush=True)
+        prefect_home = folder / "prefect"
+        if database_template.applies():
+            records = database_template
+            if records.read_record(prefect_home, records.MIGRATED_BY) == prefect.__version__:
+                os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
+            registered = records.read_record(prefect_home, records.BLOCK_TYPES_BY)
+            told = any(name in os.environ for name in records.BLOCK_REGISTRATION_SETTINGS)
+            if registered == block_types and not told:
+                for name in records.BLOCK_REGISTRATION_SETTINGS:
+                    os.environ[name] = "false"
+                print(f"block types already registered by {block_types}", flush=True)
         for name in UNUSED_SERVICES:
             os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{name}_ENABLED", "false")
         os.environ.update(
@@ -578,6 +581,22 @@ def _prefect_server(folder: Path, port: int, block_types: str) -> None:
         os._exit(code)
 
 
+def _record_database(
+    prefect_home: Path, version: str, block_types: str, default_database: bool
+) -> str | None:
+    """Record that the running server migrated its default database with Prefect
+    ``version`` and registered ``block_types`` in it (unless the environment set how it
+    registers them); return the block types stamp recorded, or None."""
+    if not default_database:
+        return None
+    records = database_template
+    records.write_record(prefect_home, records.MIGRATED_BY, version)
+    if any(name in os.environ for name in records.BLOCK_REGISTRATION_SETTINGS):
+        return None
+    records.write_record(prefect_home, records.BLOCK_TYPES_BY, block_types)
+    return block_types
+
+
 def serve(port: int) -> int:
     """Run the local server of ``ATOMFORGE_HOME`` on ``port`` until idle, stopped or
     replaced: the Prefect server and each command in a forked child.
@@ -601,12 +620,18 @@ def serve(port: int) -> int:
 
     version = prefect.__version__
     block_types = database_template.block_types_stamp(version)
-    database = folder / "prefect" / database_template.DATABASE_FILE
-    new_database = database_template.applies() and not database.exists()
+    prefect_home = folder / "prefect"
+    database = prefect_home / database_template.DATABASE_FILE
+    default_database = database_template.applies()
+    new_database = default_database and not database.exists()
+    if new_database:
+        database_template.forget_records(prefect_home)  # left by a database removed by hand
     if new_database and database_template.seed(database, version):
-        _write_record(folder, MIGRATED_BY, version)
+        database_template.write_record(prefect_home, database_template.MIGRATED_BY, version)
         if database_template.kept_block_types(version) == block_types:
-            _write_record(folder, BLOCK_TYPES_BY, block_types)
+            database_template.write_record(
+                prefect_home, database_template.BLOCK_TYPES_BY, block_types
+            )
         print(f"database copied from {database_template.template(version)}", flush=True)
         new_database = False
     server = os.fork()
@@ -622,12 +647,7 @@ def serve(port: int) -> int:
         except RuntimeError as exc:
             print(exc, flush=True)
             return 1
-        _write_record(folder, MIGRATED_BY, version)
-        registered = (
-            None if any(os.environ.get(n) for n in BLOCK_REGISTRATION_SETTINGS) else block_types
-        )
-        if registered is not None:
-            _write_record(folder, BLOCK_TYPES_BY, registered)
+        registered = _record_database(prefect_home, version, block_types, default_database)
         if new_database and (kept := database_template.keep(database, version, registered)):
             print(f"database kept for new local servers: {kept}", flush=True)
         print(

@@ -171,7 +171,8 @@ def test_server_prepare_builds_the_database_new_homes_start_from_and_leaves_no_s
 ):
     """``atomforge server prepare`` (what .ci/setup runs) keeps a migrated database with
     its block types record for the installed Prefect, through a throwaway home whose
-    server it stops; run again, it finds the database kept and starts nothing."""
+    server it stops; a kept database whose record names other collections is built
+    again; one that matches is kept as it is and nothing starts."""
     import prefect
     import psutil
 
@@ -182,12 +183,18 @@ def test_server_prepare_builds_the_database_new_homes_start_from_and_leaves_no_s
     }
     env.pop("PREFECT_API_URL", None)
     kept = cache / f"prefect-{prefect.__version__}.db"
-    for _ in range(2):
+    stamp = kept.with_suffix(".blocks")
+    built = []
+    for step in ("build", "stale", "kept"):
+        if step == "stale":
+            stamp.write_text(f"prefect=={prefect.__version__}; a-collection==0.1")
         prepared = run_atomforge(env, "server", "prepare")
         assert prepared.returncode == 0, prepared.stderr
         assert prepared.stdout.strip() == f"new local servers start from {kept}"
-    assert kept.is_file()
-    assert kept.with_suffix(".blocks").read_text().startswith(f"prefect=={prefect.__version__}")
+        built.append(kept.stat().st_ino)
+    assert built[0] != built[1] == built[2]
+    assert stamp.read_text().startswith(f"prefect=={prefect.__version__}")
+    assert "a-collection" not in stamp.read_text()
     assert not (tmp_path / "home").exists()
     throwaway = f"{tempfile.gettempdir()}/atomforge-prepare-"
     for process in psutil.process_iter(["cmdline", "environ"]):
