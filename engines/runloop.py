@@ -86,11 +86,14 @@ def run_jobs(
 
 
 def prepare_runner(engine: Engine, params: CalculationParameters) -> None:
-    """Start, in this process, the warm zygote that ``engine``'s runner for ``params``
-    will be forked from, if it has one (see :mod:`atomforge.engines.warm_runner`), so
-    that its imports overlap what comes before the first chunk."""
+    """Start, in this process, the warm zygote that a batch ``engine``'s runner for
+    ``params`` will be forked from, with the engine's calculator imported (see
+    :mod:`atomforge.engines.warm_runner`), so that its imports overlap what comes before
+    the first chunk. Other engines start no runner: nothing happens."""
+    if not engine.batch:
+        return
     command = engine.command(params, [])
-    prewarm(command.argv, {**os.environ, **command.env})
+    prewarm(command.argv, {**os.environ, **command.env}, engine.name)
 
 
 def _run_each(

@@ -80,4 +80,5 @@ class TbliteEngine(AseEngine):
 
     def version(self) -> str:
         """Return the installed tblite version."""
-        return f"tblite {installed_version('tblite')}"
+        installed = installed_version("tblite")
+        return f"tblite {installed}" if installed else "tblite not installed"

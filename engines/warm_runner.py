@@ -9,8 +9,9 @@ kills its tree as it does a cold one, records it for cancellation hooks and tell
 reaper its session. It dies with the zygote (``PR_SET_PDEATHSIG``), and the zygote kills
 its runners and exits when this process goes, also on ``kill -9``.
 
-The zygote is started on the first chunk, with this process's environment and the
-chunk's (``OMP_NUM_THREADS``...), which libraries read as they load; a chunk with another
+The zygote is started on the first chunk, or earlier by :func:`prewarm` (a run that
+knows it has structures to compute), with this process's environment and the chunk's
+(``OMP_NUM_THREADS``...), which libraries read as they load; a chunk with another
 environment gets a new zygote (the old one ends once its runners have). Anything the
 zygote cannot do (``ATOMFORGE_WARM_RUNNERS=false``, another command, a failed import in
 the zygote, a zygote that died) falls back to the cold start.
@@ -163,10 +164,18 @@ class _Zygote:
 
     def retire(self) -> None:
         """Ask the zygote to end once its runners have ended."""
+        self.tell({"retire": True})
+
+    def warm(self, engine: str) -> None:
+        """Ask the zygote to import ``engine``'s calculator modules now."""
+        self.tell({"warm": engine})
+
+    def tell(self, message: dict) -> None:
+        """Send ``message``, a request that forks nothing (its descriptors are dummies)."""
         null = os.open(os.devnull, os.O_WRONLY)
         ours, theirs = socket.socketpair()
         try:
-            self.request({"retire": True}, [theirs.fileno(), null])
+            self.request(message, [theirs.fileno(), null])
         finally:
             os.close(null)
             ours.close()
@@ -210,16 +219,17 @@ class _Zygotes:
 _ZYGOTES = _Zygotes()
 
 
-def prewarm(argv: list[str], env: dict[str, str]) -> None:
+def prewarm(argv: list[str], env: dict[str, str], engine: str) -> None:
     """Start the zygote that the runner ``argv`` with environment ``env`` (complete) is
     to be forked from, unless warm runners are off, ``argv`` is another command, or that
-    zygote runs already: its imports then overlap what a run does before its first
-    chunk. A zygote that cannot start is left to :func:`start_warm` to find."""
+    zygote runs already, and have it import ``engine``'s calculator modules: its imports
+    then overlap what a run does before its first chunk. A zygote that cannot start is
+    left to :func:`start_warm` to find."""
     settings = WarmRunnerSettings()
     if runner_args(argv) is None or not settings.warm_runners:
         return
     with contextlib.suppress(OSError):
-        _ZYGOTES.get(env, settings.warm_runner_modules)
+        _ZYGOTES.get(env, settings.warm_runner_modules).warm(engine)
 
 
 def start_warm(

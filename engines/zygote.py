@@ -14,7 +14,8 @@ that calls ``setsid()``, dies with the zygote (``PR_SET_PDEATHSIG``), takes the 
 as its standard output and error, the working directory and the environment, and runs
 the runner's ``main(args)``. The request's socket gets ``{"pid": N}``, then how the child
 ended (``{"exit": CODE}`` or ``{"signal": N}``), or ``{"refused": WHY}`` when no child was
-forked (the client then starts the runner itself).
+forked (the client then starts the runner itself). ``{"warm": ENGINE}`` imports an
+engine's calculator modules ahead of its first chunk.
 
 It is single-threaded, so forking is safe. When the control socket closes (its owner
 exited or was killed with ``kill -9``), it kills the sessions of the children still
@@ -105,8 +106,9 @@ class Zygote:
             return False
         conn = socket.socket(fileno=fds[0])
         log_fd = fds[1]
-        if request.get("retire"):
-            self.retiring = True
+        if request.get("retire") or request.get("warm"):
+            self.retiring = self.retiring or bool(request.get("retire"))
+            self.warm_engine(request.get("warm"))
             conn.close()
             os.close(log_fd)
             return True

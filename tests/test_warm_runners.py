@@ -295,10 +295,11 @@ def test_a_failing_calculator_fails_warm_as_it_fails_cold(tmp_path, monkeypatch)
     assert outcomes["true"][0] is Status.failed
 
 
-def test_prepare_runner_starts_the_zygote_the_first_chunk_is_forked_from(tmp_path):
+def test_prepare_runner_starts_the_zygote_the_first_chunk_is_forked_from(tmp_path, monkeypatch):
     """What a run does once it knows it has structures to compute: the engine's zygote
     starts then, and the first chunk finds it (same environment) rather than starting
     another; an engine without a runner (xtb) starts none."""
+    monkeypatch.setenv("ATOMFORGE_WARM_RUNNERS", "true")
     engine = get_engine("tblite")
     params = make_parameters("tblite", kind="optimize")
     warm_runner._ZYGOTES.forget()
