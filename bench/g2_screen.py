@@ -30,6 +30,7 @@ from statistics import median
 
 from ase.collections import g2
 from ase.io import read, write
+from cli_command import timed
 
 
 def closed_shell_g2() -> list[tuple[str, object]]:
@@ -104,16 +105,6 @@ def bare_folder(folder: Path, engine: str, workers: int) -> None:
     print(f"{len(done)} done")
 
 
-def timed_process(argv: list[str], env: dict[str, str]) -> float:
-    """Run ``argv`` to completion (exit 0 required); return its wall time in seconds."""
-    started = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return elapsed
-
-
 def whole_processes(folder: Path, engine: str, workers: int, repeat: int) -> tuple[list, list]:
     """Time the bare script and ``atomforge screen`` as fresh processes, alternating;
     return both lists of wall times."""
@@ -125,10 +116,10 @@ def whole_processes(folder: Path, engine: str, workers: int, repeat: int) -> tup
     bare_command += ["--workers", str(workers)]
     bare_times, forge_times = [], []
     try:
-        timed_process(command, env)  # starts the local server
+        timed(command, env, Path.cwd())  # starts the local server
         for _ in range(repeat):
-            bare_times.append(timed_process(bare_command, env))
-            forge_times.append(timed_process(command, env))
+            bare_times.append(timed(bare_command, env, Path.cwd()))
+            forge_times.append(timed(command, env, Path.cwd()))
     finally:
         subprocess.run([atomforge, "server", "stop"], env=env, capture_output=True)
     return bare_times, forge_times

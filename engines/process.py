@@ -254,6 +254,12 @@ def _until(deadline: float) -> float:
     return max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))
 
 
+def engine_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the whole environment an engine process gets: this process's, with
+    ``extra`` (the engine command's own variables) over it."""
+    return {**os.environ, **(extra or {})}
+
+
 def run_process(
     argv: Sequence[str],
     *,
@@ -278,7 +284,7 @@ def run_process(
     """
     started = time.monotonic()
     log_path = cwd / log_name
-    full_env = {**os.environ, **(env or {})}
+    full_env = engine_environment(env)
     with log_path.open("ab") as log_file:
         offset = log_file.tell()
         proc: subprocess.Popen | WarmProcess | None = start_warm(

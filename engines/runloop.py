@@ -14,7 +14,6 @@ module owns what every engine shares, so they all have the same crash semantics:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,12 @@ from atomforge.engines.base import (
 )
 from atomforge.engines.errors import EngineError, RunStopped
 from atomforge.engines.parameters import CalculationParameters
-from atomforge.engines.process import LineSplitter, ProcessOutcome, run_process
+from atomforge.engines.process import (
+    LineSplitter,
+    ProcessOutcome,
+    engine_environment,
+    run_process,
+)
 from atomforge.engines.status import RUNNER_STATUS_FILE, JobStatus, Status, status_from_exit
 from atomforge.engines.warm_runner import prewarm
 
@@ -93,7 +97,7 @@ def prepare_runner(engine: Engine, params: CalculationParameters) -> None:
     if not engine.batch:
         return
     command = engine.command(params, [])
-    prewarm(command.argv, {**os.environ, **command.env}, engine.name)
+    prewarm(command.argv, engine_environment(command.env), engine.name)
 
 
 def _run_each(

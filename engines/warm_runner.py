@@ -225,11 +225,20 @@ def prewarm(argv: list[str], env: dict[str, str], engine: str) -> None:
     zygote runs already, and have it import ``engine``'s calculator modules: its imports
     then overlap what a run does before its first chunk. A zygote that cannot start is
     left to :func:`start_warm` to find."""
+    if runner_args(argv) is not None and (one := _zygote(env)):
+        one.warm(engine)
+
+
+def _zygote(env: dict[str, str]) -> _Zygote | None:
+    """Return this process's live zygote with environment ``env``, starting one if needed;
+    None when warm runners are off or it cannot start."""
     settings = WarmRunnerSettings()
-    if runner_args(argv) is None or not settings.warm_runners:
-        return
-    with contextlib.suppress(OSError):
-        _ZYGOTES.get(env, settings.warm_runner_modules).warm(engine)
+    if not settings.warm_runners:
+        return None
+    try:
+        return _ZYGOTES.get(env, settings.warm_runner_modules)
+    except OSError:
+        return None
 
 
 def start_warm(
@@ -239,14 +248,8 @@ def start_warm(
     ``env`` (complete) and output to ``log_fd``; return it, or None where it must be
     started cold (warm runners off, another command, the zygote refused or is gone)."""
     args = runner_args(argv)
-    if args is None:
-        return None
-    settings = WarmRunnerSettings()
-    if not settings.warm_runners:
-        return None
-    try:
-        one = _ZYGOTES.get(env, settings.warm_runner_modules)
-    except OSError:
+    one = _zygote(env) if args is not None else None
+    if one is None:
         return None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -52,10 +52,15 @@ def block_types_stamp(version: str) -> str:
     return "; ".join([f"prefect=={version}", *collections])
 
 
+def kept_stamp_file(version: str, env: Mapping[str, str] = os.environ) -> Path:
+    """Return where the block types stamp of the kept database of Prefect ``version`` is."""
+    return template(version, env).with_suffix(".blocks")
+
+
 def kept_block_types(version: str, env: Mapping[str, str] = os.environ) -> str | None:
     """Return the block types stamp of the kept database of Prefect ``version``, if any."""
     try:
-        return template(version, env).with_suffix(".blocks").read_text()
+        return kept_stamp_file(version, env).read_text()
     except OSError:
         return None
 
@@ -76,6 +81,12 @@ BLOCK_REGISTRATION_SETTINGS = (
 """Prefect's settings of block type registration at a server's start: when the
 environment sets any, the server does as they say and nothing is recorded (settings in
 Prefect's files are not looked at)."""
+
+
+def registration_set(env: Mapping[str, str] = os.environ) -> bool:
+    """Return whether ``env`` sets how a server registers block types (any of
+    :data:`BLOCK_REGISTRATION_SETTINGS`)."""
+    return any(name in env for name in BLOCK_REGISTRATION_SETTINGS)
 
 
 def read_record(prefect_home: Path, name: str) -> str | None:
@@ -156,7 +167,7 @@ def keep(
         finally:
             source.close()
             copy.close()
-        _keep_block_types(kept.with_suffix(".blocks"), block_types)
+        _keep_block_types(kept_stamp_file(version, env), block_types)
         os.replace(partial, kept)
     except (OSError, sqlite3.Error):
         Path(partial).unlink(missing_ok=True)
@@ -176,6 +187,5 @@ def _keep_block_types(path: Path, block_types: str | None) -> None:
 
 def discard(version: str, env: Mapping[str, str] = os.environ) -> None:
     """Remove the kept database of Prefect ``version`` and its block types stamp."""
-    kept = template(version, env)
-    kept.unlink(missing_ok=True)
-    kept.with_suffix(".blocks").unlink(missing_ok=True)
+    template(version, env).unlink(missing_ok=True)
+    kept_stamp_file(version, env).unlink(missing_ok=True)

@@ -250,15 +250,20 @@ def _group_members(pgid: int) -> list[int]:
     """Return the live processes (not zombies) of process group ``pgid``."""
     members = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = _live_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
+
+
+def _live_stat(pid: int) -> list[str] | None:
+    """Return the fields of ``/proc/PID/stat`` after the command name (state, parent,
+    process group...), or None if process ``pid`` does not exist or is a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if fields[0] != "Z" else None
 
 
 def stop(env: Mapping[str, str] = os.environ) -> bool:
@@ -352,10 +357,7 @@ def _connect(state: ServerState, timeout: float) -> socket.socket:
 
 def _exists(pid: int) -> bool:
     """Return whether process ``pid`` exists (and is not a zombie)."""
-    try:
-        return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].startswith(" Z")
-    except OSError:
-        return False
+    return _live_stat(pid) is not None
 
 
 def forward(argv: list[str], env: Mapping[str, str] = os.environ) -> int | None:
@@ -549,8 +551,7 @@ def _prefect_server(folder: Path, port: int, block_types: str) -> None:
             if records.read_record(prefect_home, records.MIGRATED_BY) == prefect.__version__:
                 os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
             registered = records.read_record(prefect_home, records.BLOCK_TYPES_BY)
-            told = any(name in os.environ for name in records.BLOCK_REGISTRATION_SETTINGS)
-            if registered == block_types and not told:
+            if registered == block_types and not records.registration_set():
                 for name in records.BLOCK_REGISTRATION_SETTINGS:
                     os.environ[name] = "false"
                 print(f"block types already registered by {block_types}", flush=True)
@@ -591,7 +592,7 @@ def _record_database(
         return None
     records = database_template
     records.write_record(prefect_home, records.MIGRATED_BY, version)
-    if any(name in os.environ for name in records.BLOCK_REGISTRATION_SETTINGS):
+    if records.registration_set():
         return None
     records.write_record(prefect_home, records.BLOCK_TYPES_BY, block_types)
     return block_types
