@@ -12,10 +12,11 @@ file. Before the first chunk of an engine it imports that engine's calculator mo
 left to the runner, which meets it as a cold one would). For each request it forks a child
 that calls ``setsid()``, dies with the zygote (``PR_SET_PDEATHSIG``), takes the log file
 as its standard output and error, the working directory and the environment, and runs
-the runner's ``main(args)``. The request's socket gets ``{"pid": N}``, then how the child
-ended (``{"exit": CODE}`` or ``{"signal": N}``), or ``{"refused": WHY}`` when no child was
-forked (the client then starts the runner itself). ``{"warm": ENGINE}`` imports an
-engine's calculator modules ahead of its first chunk.
+the runner's ``main(args)``. The request's socket gets ``{"pid": N}`` once the child
+leads its session, then how the child ended (``{"exit": CODE}`` or ``{"signal": N}``),
+or ``{"refused": WHY}`` when no child was forked (the client then starts the runner
+itself). ``{"warm": ENGINE}`` imports an engine's calculator modules ahead of its first
+chunk.
 
 It is single-threaded, so forking is safe. When the control socket closes (its owner
 exited or was killed with ``kill -9``), it kills the sessions of the children still
@@ -35,6 +36,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from importlib import import_module
 from pathlib import Path
@@ -47,6 +49,7 @@ MODULE = "atomforge.engines.zygote"
 RUNNER_MODULE = "atomforge.engines.ase_runner"
 PR_SET_PDEATHSIG = 1
 ENGINE_NAME_FILE = "job.json"
+SESSION_WAIT_SECONDS = 5.0
 
 
 def engine_of(directory: str) -> str | None:
@@ -56,6 +59,22 @@ def engine_of(directory: str) -> str | None:
         return str(job["parameters"]["engine"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _await_own_session(pid: int, timeout: float = SESSION_WAIT_SECONDS) -> None:
+    """Return once the forked child ``pid`` leads a session of its own (its first act),
+    so the pid it is reported by is also its session's id; or once it has ended, or
+    after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return
+        state, session = fields[0], int(fields[3])
+        if session == pid or state in "ZX":
+            return
+        time.sleep(0.0005)
 
 
 class Zygote:
@@ -131,6 +150,7 @@ class Zygote:
             conn.close()
             return True
         self.children[pid] = conn
+        _await_own_session(pid)
         try:
             send_line(conn, {"pid": pid})
         except OSError:
