@@ -17,6 +17,7 @@ from prefect.exceptions import Pause
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed, State
+from prefect.utilities.annotations import quote
 
 from atomforge.engines import get_engine
 from atomforge.engines.errors import AtomforgeError, InputError, RunStopped
@@ -88,7 +89,11 @@ async def _follow(
 
     try:
         results = await retrying(parse_results)(
-            chunks, params, run, engines_finished=engines_finished, on_parsed=progress.advance
+            quote(chunks),  # quoted: Prefect need not walk every job's Atoms for futures
+            params,
+            run,
+            engines_finished=engines_finished,
+            on_parsed=progress.advance,
         )
     except Exception as exc:
         stop_run_engines(run.paths)
@@ -396,11 +401,13 @@ async def run_structures(
         )
         results = resumed + reused
         if jobs:
-            await retrying(prepare_inputs)([job for chunk in chunks for job in chunk], params)
+            await retrying(prepare_inputs)(
+                quote([job for chunk in chunks for job in chunk]), params
+            )
             directories = [[job.directory for job in chunk] for chunk in chunks]
             limit_tags = await engine_limit_tags(params.engine)
             with dask.annotate(resources=slots.resources) if slots.resources else nullcontext():
-                run_chunk = retrying(run_engine).with_options(tags=limit_tags)
+                run_chunk = retrying(run_engine, tuple(limit_tags))
                 engine_runs = [
                     run_chunk.submit(directories, index, params, run)
                     for index in range(len(chunks))

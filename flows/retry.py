@@ -5,6 +5,8 @@ Read from the settings when a run submits its steps, not when a module is import
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prefect import Task
 from prefect.tasks import exponential_backoff
 
@@ -27,12 +29,25 @@ def is_worth_retrying(task, task_run, state) -> bool:
     return False
 
 
-def retrying(task: Task) -> Task:
-    """Return ``task`` with the configured retries, backoff and jitter (settings read now)."""
+def retrying(task: Task, tags: tuple[str, ...] = ()) -> Task:
+    """Return ``task`` with the configured retries, backoff and jitter (settings read now)
+    and ``tags`` added."""
     settings = get_settings()
+    return _with_retries(
+        task, settings.retries, settings.retry_backoff_seconds, settings.retry_jitter, tags
+    )
+
+
+@lru_cache(maxsize=64)
+def _with_retries(
+    task: Task, retries: int, backoff: float, jitter: float, tags: tuple[str, ...]
+) -> Task:
+    """Return ``task`` with this retry policy and ``tags``: the same task for the same
+    policy, since building one reads the function's source (about 3 ms)."""
     return task.with_options(
-        retries=settings.retries,
-        retry_delay_seconds=exponential_backoff(settings.retry_backoff_seconds),
-        retry_jitter_factor=settings.retry_jitter,
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff),
+        retry_jitter_factor=jitter,
         retry_condition_fn=is_worth_retrying,
+        tags=set(tags) | task.tags,
     )

@@ -22,7 +22,9 @@ class KeepWorkdir(str, Enum):
 class Settings(BaseSettings):
     """Where atomforge keeps files and how it reaches Dask; each field is ``ATOMFORGE_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="ATOMFORGE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="ATOMFORGE_", env_file=".env", extra="ignore", frozen=True
+    )
 
     home: Path = Field(
         Path("~/.atomforge"), description="Default parent of work_root and results_root."
@@ -180,6 +182,29 @@ class Settings(BaseSettings):
         return root
 
 
+_read: tuple[tuple, Settings] | None = None
+
+
 def get_settings() -> Settings:
-    """Return the settings as the environment says now."""
-    return Settings()
+    """Return the settings as the environment and ``.env`` say now: the same (frozen)
+    object while neither has changed. Reading them anew costs about 1.5 ms, and a screen
+    asked about ten times."""
+    global _read
+    key = _sources_key()
+    if _read is None or _read[0] != key:
+        _read = (key, Settings())
+    return _read[1]
+
+
+def _sources_key() -> tuple:
+    """Return what the settings are read from: the ``ATOMFORGE_*`` variables and the
+    ``.env`` file of the working directory (its path, size and modification time)."""
+    variables = tuple(
+        sorted(item for item in os.environ.items() if item[0][:10].upper() == "ATOMFORGE_")
+    )
+    dotenv = Path(".env").absolute()
+    try:
+        stat = dotenv.stat()
+    except OSError:
+        return variables, str(dotenv)
+    return variables, str(dotenv), stat.st_size, stat.st_mtime_ns
