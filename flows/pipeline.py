@@ -262,6 +262,8 @@ class RunOutcome:
     progress: RunProgress
     ok: bool = True
     message: str = ""
+    plotting: asyncio.Future | None = None
+    """A single run's plots, drawn and published while :meth:`publish` sends the rest."""
 
     def final_state(self, data: Any) -> State:
         """Return the flow's final state, carrying ``data``: Completed, or Failed when more
@@ -276,11 +278,12 @@ class RunOutcome:
         rank_by: str | None = None,
     ) -> None:
         """Publish the run's table and summary (``ranked`` orders the table by the result
-        field ``rank_by``); fill the bar."""
+        field ``rank_by``); fill the bar; wait for a single run's plots."""
         rows = self.results if ranked is None else ranked
         await asyncio.gather(
             artifacts.publish(key, title, rows, self.results_dir, rank_by),
             self.progress.finish(),
+            *([self.plotting] if self.plotting else []),
         )
 
 
@@ -349,6 +352,8 @@ async def run_structures(
         get_run_logger().warning("killed engines an earlier attempt of this run left running")
     tolerance = 0.0 if single else max_failed_fraction(options, settings)
     progress = RunProgress(flow_name, title, get_run_logger())
+    limits = asyncio.ensure_future(engine_limit_tags(params.engine))  # answered before links
+    plotting: asyncio.Future | None = None
     links = asyncio.ensure_future(
         artifacts.publish_files(
             flow_name,
@@ -405,7 +410,7 @@ async def run_structures(
                 quote([job for chunk in chunks for job in chunk]), params
             )
             directories = [[job.directory for job in chunk] for chunk in chunks]
-            limit_tags = await engine_limit_tags(params.engine)
+            limit_tags = await limits
             with dask.annotate(resources=slots.resources) if slots.resources else nullcontext():
                 run_chunk = retrying(run_engine, tuple(limit_tags))
                 engine_runs = [
@@ -415,20 +420,27 @@ async def run_structures(
             results += await _follow(engine_runs, chunks, params, run, progress)
         results.sort(key=lambda result: result.index)
         results.extend(invalid)
-        if single:  # drawn before the working directory that holds its steps may go
+        if single:  # drawn while the table and summary are sent, unless its folder may go
             draw = partial(plots.structure_plots, results[0], results_root / flow_run_id)
-            await artifacts.publish_plots(flow_name, title, draw)
+            plotting = asyncio.ensure_future(artifacts.publish_plots(flow_name, title, draw))
+            if settings.keep_workdir is not KeepWorkdir.always:
+                await plotting
         for result in _clean_workdirs(results, paths.work_dir, settings.keep_workdir):
             save_result(results_root, result)
         await links
+        if not jobs:
+            await asyncio.gather(limits, return_exceptions=True)  # a server error: not this run's
     except AtomforgeError as exc:
         _record_ending(summary, results_root, paths, "Failed", str(exc))
         progress.stop()
-        await asyncio.gather(progress.creating, links, return_exceptions=True)
+        await asyncio.gather(progress.creating, links, limits, return_exceptions=True)
         raise
     except BaseException as exc:
         progress.cancel()
         links.cancel()
+        limits.cancel()
+        if plotting:
+            plotting.cancel()
         stop_run_engines(paths)
         ending = (
             "Cancelled"
@@ -447,7 +459,7 @@ async def run_structures(
     summary.message = message
     summary.finished_at = datetime.now(timezone.utc)
     save_run(results_root, summary)
-    return RunOutcome(results, results_root / flow_run_id, progress, ok, message)
+    return RunOutcome(results, results_root / flow_run_id, progress, ok, message, plotting)
 
 
 def _record_ending(
