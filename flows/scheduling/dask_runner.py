@@ -322,7 +322,9 @@ class SettingsDaskTaskRunner(DaskTaskRunner):
     Dask worker (where Prefect rebuilds a task's flow context) a client of the worker's
     own cluster; for a subflow of a flow that has a Dask runner (a workflow's steps), a
     client of the parent's cluster: the steps share one cluster instead of starting one
-    each.
+    each. Where the parent's cluster is threads of this process, so is the subflow's
+    runner (:class:`InProcessDaskTaskRunner`): its tasks skip what only other processes
+    need, and its batch engines' runners are prewarmed as a top-level run's are.
     """
 
     def duplicate(self) -> DaskTaskRunner:
@@ -335,7 +337,9 @@ class SettingsDaskTaskRunner(DaskTaskRunner):
         if parent is not None and isinstance(parent.task_runner, DaskTaskRunner):
             if isinstance(parent.task_runner, SlurmTaskRunner):
                 parent.task_runner.record_for(str(parent.flow_run.id))
-            return DaskTaskRunner(address=parent.task_runner.client.scheduler.address)
+            in_process = isinstance(parent.task_runner, InProcessDaskTaskRunner)
+            runner_class = InProcessDaskTaskRunner if in_process else DaskTaskRunner
+            return runner_class(address=parent.task_runner.client.scheduler.address)
         return dask_task_runner()
 
 
