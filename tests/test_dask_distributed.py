@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 from distributed import Client
+from prefect import flow
+from prefect.context import FlowRunContext
 
 from atomforge.flows.models import StructureSource, make_parameters
-from atomforge.flows.scheduling.dask_runner import dask_task_runner
+from atomforge.flows.scheduling.dask_runner import (
+    InProcessDaskTaskRunner,
+    SettingsDaskTaskRunner,
+    dask_task_runner,
+)
 from atomforge.flows.screen import screen
 from atomforge.flows.settings import Settings
 from tests.conftest import REPO
@@ -119,6 +125,28 @@ def test_local_cluster_is_the_default_and_hpc_clusters_are_configurable():
         Settings(dask_cluster_class="dask_jobqueue.PBSCluster", dask_cluster_kwargs={"cores": 2})
     )
     assert pbs.cluster_kwargs == {"cores": 2}
+
+
+def _runner_seen() -> tuple[type, str]:
+    """Return the current flow run's task runner class and its scheduler's address."""
+    runner = FlowRunContext.get().task_runner
+    return type(runner), runner.client.scheduler.address
+
+
+@flow(task_runner=SettingsDaskTaskRunner())
+def _step() -> tuple[type, str]:
+    return _runner_seen()
+
+
+@flow(task_runner=SettingsDaskTaskRunner())
+def _chain() -> tuple[tuple[type, str], tuple[type, str]]:
+    return _runner_seen(), _step()
+
+
+def test_a_subflow_runs_on_its_parents_in_process_cluster_with_the_in_process_runner():
+    (parent, parent_address), (step, step_address) = _chain()
+    assert parent is step is InProcessDaskTaskRunner
+    assert step_address == parent_address
 
 
 @pytest.fixture
