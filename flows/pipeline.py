@@ -280,11 +280,15 @@ class RunOutcome:
         """Publish the run's table and summary (``ranked`` orders the table by the result
         field ``rank_by``); fill the bar; wait for a single run's plots."""
         rows = self.results if ranked is None else ranked
-        await asyncio.gather(
-            artifacts.publish(key, title, rows, self.results_dir, rank_by),
-            self.progress.finish(),
-            *([self.plotting] if self.plotting else []),
-        )
+        try:
+            await asyncio.gather(
+                artifacts.publish(key, title, rows, self.results_dir, rank_by),
+                self.progress.finish(),
+                *([self.plotting] if self.plotting else []),
+            )
+        finally:
+            if self.plotting:  # not left running past the run when the rest failed
+                self.plotting.cancel()
 
 
 @dataclass(frozen=True)
@@ -352,7 +356,7 @@ async def run_structures(
         get_run_logger().warning("killed engines an earlier attempt of this run left running")
     tolerance = 0.0 if single else max_failed_fraction(options, settings)
     progress = RunProgress(flow_name, title, get_run_logger())
-    limits = asyncio.ensure_future(engine_limit_tags(params.engine))  # answered before links
+    limits = _settled(asyncio.ensure_future(engine_limit_tags(params.engine)))  # before links
     plotting: asyncio.Future | None = None
     links = asyncio.ensure_future(
         artifacts.publish_files(
@@ -429,11 +433,14 @@ async def run_structures(
             save_result(results_root, result)
         await links
         if not jobs:
-            await asyncio.gather(limits, return_exceptions=True)  # a server error: not this run's
+            limits.cancel()
     except AtomforgeError as exc:
         _record_ending(summary, results_root, paths, "Failed", str(exc))
         progress.stop()
-        await asyncio.gather(progress.creating, links, limits, return_exceptions=True)
+        limits.cancel()
+        if plotting:
+            plotting.cancel()
+        await asyncio.gather(progress.creating, links, return_exceptions=True)
         raise
     except BaseException as exc:
         progress.cancel()
@@ -458,8 +465,20 @@ async def run_structures(
     summary.state = "Completed" if ok else "Failed"
     summary.message = message
     summary.finished_at = datetime.now(timezone.utc)
-    save_run(results_root, summary)
+    try:
+        save_run(results_root, summary)
+    except BaseException:
+        if plotting:
+            plotting.cancel()
+        raise
     return RunOutcome(results, results_root / flow_run_id, progress, ok, message, plotting)
+
+
+def _settled(future: asyncio.Future) -> asyncio.Future:
+    """Return ``future``, whose exception counts as seen even if no one awaits it (a run
+    that ends first need not hear of it)."""
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future
 
 
 def _record_ending(
