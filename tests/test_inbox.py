@@ -69,7 +69,7 @@ def _claim_in_process(root: str, claim_id: str, start: float, found) -> None:
 
 def test_claims_racing_in_processes_take_each_file_exactly_once(tmp_path):
     inbox = Inbox(tmp_path / "inbox").create()
-    names = [f"s{i:03d}.xyz" for i in range(400)]
+    names = [f"s{i:04d}.xyz" for i in range(2000)]  # about 0.15 s of renames: racers overlap
     for name in names:
         (inbox.root / name).write_text(WATER_XYZ)
     context = multiprocessing.get_context("fork")
