@@ -62,6 +62,9 @@ PACKAGE = Path(__file__).resolve().parents[1]
 START_TIMEOUT_SECONDS = 180.0
 """How long a command waits for a starting server (a new database takes ~15 s to create)."""
 HEALTH_POLL_SECONDS = 0.05
+DRAIN_SECONDS = 10.0
+"""How long a command's process waits at its end for its logs and events to reach the
+server."""
 MARKER = "atomforge.flows.local_server"
 """What the server's command line holds: a recorded pid running anything else is stale."""
 
@@ -463,11 +466,21 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with contextlib.suppress(Exception):
+            _send_held_telemetry()
             sys.stdout.flush()
             sys.stderr.flush()
         with contextlib.suppress(OSError):
             send_line(conn, {"exit": code})
         os._exit(code if isinstance(code, int) else 1)
+
+
+def _send_held_telemetry() -> None:
+    """Send what Prefect's background services still hold: the run's logs and the events
+    of its last task runs (an interpreter's exit would, and the child ends with
+    ``os._exit``), waiting at most :data:`DRAIN_SECONDS`."""
+    from prefect._internal.concurrency.services import QueueService
+
+    QueueService.drain_all(timeout=DRAIN_SECONDS)
 
 
 WARM_MODULES = (

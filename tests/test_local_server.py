@@ -43,6 +43,7 @@ def running(pid: int) -> bool:
 
 
 def test_first_command_starts_the_server_the_next_reuses_it_status_and_stop(server_env):
+    server_env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the runs' logs go to the server
     first = run_atomforge(server_env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ)
     assert first.returncode == 0, first.stderr
     assert "-5.07" in first.stdout and "completed" in first.stdout
@@ -58,6 +59,13 @@ def test_first_command_starts_the_server_the_next_reuses_it_status_and_stop(serv
     runs = httpx.post(f"{server['api_url']}/flow_runs/filter", json={}, timeout=10).json()
     assert sorted(run["state_type"] for run in runs) == ["COMPLETED", "COMPLETED"]
     assert all(run["name"].startswith("simulate xtb singlepoint") for run in runs), runs
+    for run in runs:  # each command's run logs reached the server before the command ended
+        logs = httpx.post(
+            f"{server['api_url']}/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [run["id"]]}}},
+            timeout=10,
+        ).json()
+        assert any(log["message"].startswith("Finished in state") for log in logs), logs
 
     status = run_atomforge(server_env, "server", "status")
     assert status.returncode == 0 and f"pid {server['pid']}, healthy" in status.stdout
