@@ -24,16 +24,22 @@ from pathlib import Path
 MODULE = "atomforge.engines.reaper"
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """Return the fields of ``/proc/PID/stat`` after the command name (state, parent,
+    process group, session...), or None if there is no process ``pid``."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def session_members(sid: int) -> list[int]:
     """Return the pids of the processes in session ``sid`` (read from /proc)."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:
-            members.append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(entry.name)
+        if fields is not None and int(fields[3]) == sid:
+            members.append(int(entry.name))
     return members
 
 

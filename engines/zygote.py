@@ -67,12 +67,8 @@ def _await_own_session(pid: int, timeout: float = SESSION_WAIT_SECONDS) -> None:
     after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return
-        state, session = fields[0], int(fields[3])
-        if session == pid or state in "ZX":
+        fields = reaper.stat_fields(pid)
+        if fields is None or int(fields[3]) == pid or fields[0] in "ZX":
             return
         time.sleep(0.0005)
 

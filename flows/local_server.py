@@ -54,6 +54,7 @@ from atomforge.deployments.warm_client import (
     send_request,
     standard_fds,
 )
+from atomforge.engines.reaper import stat_fields
 from atomforge.flows import database_template
 
 FLOW_COMMANDS = frozenset({"run", "screen", "workflow", "demo"})
@@ -262,11 +263,8 @@ def _group_members(pgid: int) -> list[int]:
 def _live_stat(pid: int) -> list[str] | None:
     """Return the fields of ``/proc/PID/stat`` after the command name (state, parent,
     process group...), or None if process ``pid`` does not exist or is a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields if fields[0] != "Z" else None
+    fields = stat_fields(pid)
+    return fields if fields is not None and fields[0] != "Z" else None
 
 
 def stop(env: Mapping[str, str] = os.environ) -> bool:
