@@ -466,17 +466,21 @@ def executor_notes(service_dir: Path) -> str:
 
 
 def batcher_notes(service_dir: Path) -> str:
-    """Return what the batcher's log says of its batches: how many, and their sizes."""
+    """Return what the batcher's log says of its batches: how many, their sizes, and how
+    long each batch run took to start, compute and end its requests."""
+    lines = (service_dir / "batcher.log").read_text().splitlines()
     sizes = [
         int(line.split()[0])
-        for line in (service_dir / "batcher.log").read_text().splitlines()
+        for line in lines
         if " request(s), " in line and line.split()[0].isdigit()
     ]
     if not sizes:
         return "batcher: no batch"
-    return f"batcher: {len(sizes)} batches of {min(sizes)}-{max(sizes)} requests (mean " + (
+    timings = [f"  {line}" for line in lines if line.startswith("batch ") and "starting" in line]
+    summary = f"batcher: {len(sizes)} batches of {min(sizes)}-{max(sizes)} requests (mean " + (
         f"{sum(sizes) / len(sizes):.1f}), counting the warm-up"
     )
+    return "\n".join([summary, *timings])
 
 
 async def measure(args: argparse.Namespace, service_dir: Path) -> None:

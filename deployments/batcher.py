@@ -5,9 +5,11 @@ requests together, in batches, in one warm process.
 worker's environment; settings ``ATOMFORGE_SERVICE_BATCH_*`` of
 :class:`~atomforge.deployments.service.ServiceSettings`) imports the flows once and keeps
 one Prefect client. Like a worker, it takes the scheduled runs of the ``atomforge-batch``
-pool, oldest first, and sends a worker heartbeat, so the pool shows Ready. Every
-``batch_poll_seconds`` it counts the due requests (a third of the server's work of a
-worker's poll), and when there are some, claims up to ``batch_max`` of them in one call
+pool, oldest first, and sends a worker heartbeat, so the pool shows Ready. When the
+server announces a request (:mod:`~atomforge.deployments.wakeups`), every
+``batch_poll_seconds`` for a while after and while requests are claimed, and every
+``idle_poll_seconds`` otherwise, it counts the due requests (a third of the server's
+work of a worker's poll), and when there are some, claims up to ``batch_max`` of them in one call
 (Scheduled -> Pending; the server refuses a request someone else took or cancelled).
 Requests are collected for ``batch_window_seconds`` after the first one, or until
 ``batch_max`` wait, then checked (a bad one fails alone), grouped by identical
@@ -58,7 +60,8 @@ from atomforge.deployments.batch_run import (
     run_group,
     stop_batch,
 )
-from atomforge.deployments.service import BATCH_POOL, ServiceSettings
+from atomforge.deployments.service import BATCH_POOL, ServiceSettings, auth_string
+from atomforge.deployments.wakeups import ScheduledRuns
 from atomforge.flows.local_server import code_stamp
 from atomforge.flows.screen import screen
 from atomforge.flows.simulate import simulate
@@ -87,6 +90,11 @@ class Batcher:
         self.served = 0
         self.stamp = code_stamp()
         self.stale = False
+        auth = auth_string(settings)
+        idle = settings.idle_poll_seconds
+        self.wakeups = ScheduledRuns(settings.api_url, auth, BATCH_POOL, idle)
+        self.woken = asyncio.Event()
+        self.freed = True
 
     async def waiting(self, now: str) -> int:
         """Return how many requests of the pool are due (Scheduled, not later than
@@ -198,6 +206,38 @@ class Batcher:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
+    async def nap(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the batcher is stopping or the server announces a
+        request (subscribing to its announcements first if not subscribed)."""
+        await self.listen()
+        waits = [asyncio.ensure_future(e.wait()) for e in (self.stopping, self.woken)]
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+        self.woken.clear()
+
+    async def listen(self) -> None:
+        """Subscribe to the server's announcements of the pool's requests, unless
+        subscribed (or tried too recently), and hear them as they come."""
+        if self.wakeups.connected or not await asyncio.to_thread(self.wakeups.connect):
+            return
+        fd = self.wakeups.fileno()
+        asyncio.get_running_loop().add_reader(fd, self.hear, fd)
+
+    def hear(self, fd: int) -> None:
+        """Read the announcements the socket ``fd`` holds; wake the loop for a request;
+        stop reading a lost subscription (:meth:`listen` subscribes again)."""
+        if self.wakeups.read():
+            self.woken.set()
+        if not self.wakeups.connected:
+            asyncio.get_running_loop().remove_reader(fd)
+
+    def stop_listening(self) -> None:
+        """Close the subscription to the server's announcements."""
+        if self.wakeups.connected:
+            asyncio.get_running_loop().remove_reader(self.wakeups.fileno())
+            self.wakeups.close()
+
     async def serve(self) -> None:
         """Poll and dispatch until stopped, or until atomforge's code changed while no
         request waits (``stale``: the caller starts a new batcher); then give back the
@@ -214,9 +254,12 @@ class Batcher:
                 stop = asyncio.ensure_future(self.stopping.wait())
                 await asyncio.wait([*self.in_flight, stop], return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
+                self.freed = True
                 continue
             try:
-                await self.poll()
+                if self.wakeups.poll_due(also=self.freed or bool(self.claimed)):
+                    await self.poll()
+                    self.freed = False
             except Exception as exc:  # the server may be restarting: poll again
                 print(f"poll failed: {type(exc).__name__}: {exc}", flush=True)
                 await self.sleep(1.0)
@@ -229,7 +272,8 @@ class Batcher:
                     print("atomforge's code changed: starting anew", flush=True)
                     self.stale = True
                     break
-            await self.sleep(self.settings.batch_poll_seconds)
+            await self.nap(self.settings.batch_poll_seconds)
+        self.stop_listening()
         await self.give_back()
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=STOP_WAIT_SECONDS)

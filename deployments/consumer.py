@@ -4,8 +4,10 @@ from one warm process, with no worker launch in between.
 ``python -m atomforge.deployments.consumer`` (started by ``atomforge service up`` with the
 worker's environment; ``ATOMFORGE_SERVICE_CONSUMER``) imports what flow runs use once
 (:func:`~atomforge.deployments.warm_exec.warm_up`), starting no thread, and keeps one
-plain HTTP client of the API. Every ``consumer_poll_seconds`` it counts the pool's due
-runs and, with room under its limit (``worker_limit``, the pool's own), takes them as a
+plain HTTP client of the API. It counts the pool's due runs when the server announces
+one (:mod:`~atomforge.deployments.wakeups`: every ``consumer_poll_seconds`` for a while
+after, every ``idle_poll_seconds`` otherwise) and when a child ended, and, with room
+under its limit (``worker_limit``, the pool's own), takes them as a
 worker does (the server orders them by queue priority and applies the pool's limits):
 it claims each (Scheduled -> Pending, "claimed by consumer HOST pid N"; the server
 refuses a run someone else took) and forks a child that runs it with Prefect's flow
@@ -48,7 +50,14 @@ import psutil
 from prefect.flows import Flow
 
 from atomforge.deployments.consumer_child import CANCEL, SUSPEND, run_end_hooks, run_flow_run
-from atomforge.deployments.service import POOL, ServiceSettings, api_client, refresh_csrf
+from atomforge.deployments.service import (
+    POOL,
+    ServiceSettings,
+    api_client,
+    auth_string,
+    refresh_csrf,
+)
+from atomforge.deployments.wakeups import ScheduledRuns
 from atomforge.deployments.warm_exec import warm_up
 from atomforge.flows.local_server import code_stamp
 
@@ -133,6 +142,8 @@ class Consumer:
         self.helpers: list[int] = []
         self.runs_dir = settings.dir / RUNS_DIR
         self.runs_dir.mkdir(exist_ok=True)
+        auth = auth_string(settings)
+        self.wakeups = ScheduledRuns(settings.api_url, auth, POOL, settings.idle_poll_seconds)
 
     def room(self) -> int:
         """Return how many more runs may start now."""
@@ -218,6 +229,7 @@ class Consumer:
             return
         if pid == 0:
             os.close(write_fd)
+            self.wakeups.close()
             os._exit(run_flow_run(run, flow, read_fd))
         os.close(read_fd)
         (self.runs_dir / run["id"]).write_text(str(pid))
@@ -225,9 +237,10 @@ class Consumer:
         self.served += 1
         print(f"flow run {run['id']} ({run.get('name')}): pid {pid}", flush=True)
 
-    def reap(self) -> None:
+    def reap(self) -> bool:
         """Collect the children that ended; end Crashed the run of one that died before
-        its run ended."""
+        its run ended. Return whether any ended (its room may go to a waiting run)."""
+        ended = False
         for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -236,12 +249,14 @@ class Consumer:
             if not done:
                 continue
             child = self.children.pop(pid)
+            ended = True
             os.close(child.pipe_fd)
             code = os.waitstatus_to_exitcode(status)
             print(f"flow run {child.run_id}: pid {pid} exited {code}", flush=True)
             if code != 0:
                 self.end_if_left(child, f"its process exited with {code}")
             (self.runs_dir / child.run_id).unlink(missing_ok=True)
+        return ended
 
     def end_if_left(self, child: Child, why: str) -> None:
         """End ``child``'s run if it is not final, suspended or scheduled again (resumed):
@@ -367,8 +382,8 @@ class Consumer:
         while not (self.stopping and not self.children):
             self.reap_helpers()
             try:
-                self.reap()
-                if not self.stopping:
+                freed = self.reap()
+                if not self.stopping and self.wakeups.poll_due(also=freed):
                     self.poll()
                 if time.monotonic() - watched >= WATCH_SECONDS:
                     watched = time.monotonic()
@@ -385,7 +400,7 @@ class Consumer:
                 if not self.children and self.stale():
                     print("atomforge's code changed: starting anew", flush=True)
                     return True
-            time.sleep(self.settings.consumer_poll_seconds)
+            self.wakeups.wait(self.settings.consumer_poll_seconds)
         return False
 
 

@@ -110,12 +110,22 @@ class ServiceSettings(BaseSettings):
         "(no worker launch; the worker starts the runs that set job variables).",
     )
     consumer_poll_seconds: float = Field(
-        0.2, gt=0, description="How often the consumer asks the server for runs to start."
+        0.2,
+        gt=0,
+        description="How often the consumer asks the server for runs to start in the "
+        "seconds after the server announced one, and while it cannot hear the server.",
     )
     warm: bool = Field(
         True,
         description="Start runs in the warm executor (False: each run starts its own "
         "`python -m prefect.engine`).",
+    )
+    idle_poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often the consumer and the batcher ask the server for due runs "
+        "when it announced none (they subscribe to its events of scheduled runs and ask at "
+        "once when one comes; a run of a schedule becomes due without a word).",
     )
     batch: bool = Field(
         True,
@@ -137,7 +147,11 @@ class ServiceSettings(BaseSettings):
         "3.3-3.4 with 32).",
     )
     batch_poll_seconds: float = Field(
-        0.2, gt=0, description="How often the batcher asks the server for new requests."
+        0.2,
+        gt=0,
+        description="How often the batcher asks the server for new requests in the seconds "
+        "after it announced one, while requests wait for their batch, and while it cannot "
+        "hear the server.",
     )
     batch_concurrency: int = Field(
         2, ge=1, description="Most batches computing at once (the next one is collected meanwhile)."

@@ -31,9 +31,12 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def stack():
     """The service, its worker asking for runs every 30 s (so that it does not win a run
-    from the consumer by chance: both take what the pool offers); yield (client
-    environment, atomforge home, service folder)."""
-    with running_service(worker_query_seconds="30") as (env, folder):
+    from the consumer by chance: both take what the pool offers) and its consumer asking
+    unprompted only every hour (so that it takes each run on the server's word that it
+    was scheduled, or when a child ended); yield (client environment, atomforge home,
+    service folder)."""
+    settings = {"worker_query_seconds": "30", "idle_poll_seconds": "3600"}
+    with running_service(**settings) as (env, folder):
         yield env, Path(env["ATOMFORGE_HOME"]), folder / "service"
 
 

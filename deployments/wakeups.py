@@ -1,0 +1,221 @@
+"""Wake-ups for the service's pollers: the Prefect server's word, as it happens, that a
+run of a work pool was scheduled.
+
+The consumer and the batcher asked the server every 0.2 s whether a run of their pool
+was due: ten calls a second, about a tenth of a core of the server's CPU while nothing
+happens, and a request waited half a poll on average. With :class:`ScheduledRuns` each
+subscribes to the server's stream of flow-run events (the ``/api/events/out`` websocket,
+only runs that enter a Scheduled-type state: Scheduled, AwaitingRetry, Late, Resuming)
+and asks at once when one of its pool's comes. It keeps asking every 0.2 s for
+:data:`ALERT_SECONDS` after (the server sends the event from inside its transaction, so
+the run may not be visible for a moment, and a burst brings more), and otherwise every
+``idle_poll_seconds`` (a run of a schedule becomes due without an event). While the
+stream is down (the server restarting) it polls as before and reconnects every
+:data:`RECONNECT_SECONDS`.
+
+It starts no thread: the websocket is a plain socket driven by websockets' sans-I/O
+protocol, which the caller waits on (``select``, or its event loop's reader), so that
+the consumer may still fork its children.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from urllib.parse import urlsplit
+
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+ALERT_SECONDS = 2.0
+"""How long a poller keeps asking every fast interval after a run of its pool was scheduled."""
+RECONNECT_SECONDS = 5.0
+"""How often a lost subscription is tried again."""
+CONNECT_TIMEOUT_SECONDS = 2.0
+READ_BYTES = 1 << 16
+ALWAYS = "2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z"
+"""The stream sends only events that occurred within its filter's window: all of them."""
+
+
+class ScheduledRuns:
+    """A subscription to the server's events of flow runs of ``pool`` that became
+    Scheduled, and when its owner should ask the server for due runs."""
+
+    def __init__(self, api_url: str, auth: str, pool: str, idle_poll_seconds: float) -> None:
+        parts = urlsplit(api_url)
+        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.uri = parse_uri(f"ws://{self.address[0]}:{self.address[1]}{parts.path}/events/out")
+        self.auth = auth
+        self.pool = pool
+        self.idle_poll_seconds = idle_poll_seconds
+        self.sock: socket.socket | None = None
+        self.protocol: ClientProtocol | None = None
+        self.tried_at = -RECONNECT_SECONDS
+        self.heard_at = -ALERT_SECONDS
+        self.polled_at = -idle_poll_seconds
+        self.said_down = False
+
+    @property
+    def connected(self) -> bool:
+        """Return whether the subscription is open."""
+        return self.sock is not None
+
+    def fileno(self) -> int:
+        """Return the subscription's socket (call only while :attr:`connected`)."""
+        assert self.sock is not None
+        return self.sock.fileno()
+
+    def connect(self) -> bool:
+        """Subscribe, unless subscribed or the last try was less than
+        :data:`RECONNECT_SECONDS` ago; return whether it is subscribed. A fresh
+        subscription counts as a word from the server (runs scheduled meanwhile were not
+        announced)."""
+        now = time.monotonic()
+        if self.connected or now - self.tried_at < RECONNECT_SECONDS:
+            return self.connected
+        self.tried_at = now
+        try:
+            self._open()
+        except (OSError, ValueError) as exc:
+            if not self.said_down:
+                print(f"no event stream ({type(exc).__name__}: {exc}): polling", flush=True)
+            self.said_down = True
+            self.close()
+            return False
+        print(f"listening to the server's scheduled runs of pool {self.pool}", flush=True)
+        self.said_down = False
+        self.heard_at = now
+        return True
+
+    def _open(self) -> None:
+        """Open the websocket, authenticate and send the filter; raise OSError or
+        ValueError (the server refused) if it cannot."""
+        sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_SECONDS)
+        self.sock = sock
+        self.protocol = ClientProtocol(self.uri, subprotocols=[Subprotocol("prefect")])
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+        while self.protocol.state is State.CONNECTING:
+            self._receive(self._recv())
+        if self.protocol.state is not State.OPEN:
+            raise ValueError(f"websocket refused: {self.protocol.handshake_exc}")
+        self._send({"type": "auth", "token": self.auth})
+        while not (answers := self._messages()):
+            self._receive(self._recv())
+        if answers[0].get("type") != "auth_success":
+            raise ValueError(f"the server refused the event stream's auth: {answers[0]}")
+        since, until = ALWAYS
+        labels = {"prefect.state-type": "SCHEDULED"}
+        stream = {
+            "occurred": {"since": since, "until": until},
+            "event": {"prefix": ["prefect.flow-run."]},
+            "resource": {"labels": labels},
+        }
+        self._send({"type": "filter", "backfill": False, "filter": stream})
+        sock.setblocking(False)
+
+    def _recv(self) -> bytes:
+        """Return the bytes the socket has (blocking while connecting); raise OSError
+        when the server closed it."""
+        assert self.sock is not None
+        data = self.sock.recv(READ_BYTES)
+        if not data:
+            raise ConnectionResetError("the server closed the event stream")
+        return data
+
+    def _receive(self, data: bytes) -> None:
+        """Feed ``data`` to the protocol and send what it answers (pongs)."""
+        assert self.protocol is not None
+        self.protocol.receive_data(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.sock is not None and self.protocol is not None
+        for chunk in self.protocol.data_to_send():
+            self.sock.sendall(chunk)
+
+    def _send(self, message: dict) -> None:
+        assert self.protocol is not None
+        self.protocol.send_text(json.dumps(message).encode())
+        self._flush()
+
+    def _messages(self) -> list[dict]:
+        """Return the text messages the protocol received since the last call; raise
+        ConnectionResetError once the server closed the stream."""
+        assert self.protocol is not None
+        received = self.protocol.events_received()
+        if self.protocol.state is not State.OPEN:
+            raise ConnectionResetError("the server closed the event stream")
+        return [
+            json.loads(event.data)
+            for event in received
+            if not isinstance(event, Response) and event.opcode is Opcode.TEXT
+        ]
+
+    def read(self) -> bool:
+        """Read what the socket holds without blocking; return whether it announced a run
+        of the pool (then :meth:`poll_due` says yes for :data:`ALERT_SECONDS`). A lost
+        stream is closed here (polling goes on, and :meth:`connect` tries again)."""
+        heard = False
+        try:
+            while True:
+                try:
+                    self._receive(self._recv())
+                except BlockingIOError:
+                    break
+                messages = self._messages()
+                heard |= any(
+                    self._of_pool(m["event"]) for m in messages if m.get("type") == "event"
+                )
+        except (OSError, ValueError) as exc:
+            print(f"event stream lost ({type(exc).__name__}: {exc}): polling", flush=True)
+            self.close()
+            return True
+        if heard:
+            self.heard_at = time.monotonic()
+        return heard
+
+    def _of_pool(self, event: dict) -> bool:
+        """Return whether ``event`` is of a run of this subscription's pool."""
+        return any(
+            related.get("prefect.resource.role") == "work-pool"
+            and related.get("prefect.resource.name") == self.pool
+            for related in event.get("related", [])
+        )
+
+    def wait(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when the server announces a run of the pool
+        (subscribing first if not subscribed)."""
+        if not self.connect():
+            time.sleep(seconds)
+            return
+        readable, _, _ = select.select([self.fileno()], [], [], seconds)
+        if readable:
+            self.read()
+
+    def poll_due(self, also: bool = False) -> bool:
+        """Return whether to ask the server for due runs now (and count it as asked):
+        when ``also``, without a subscription, within :data:`ALERT_SECONDS` of a run of
+        the pool announced, and every ``idle_poll_seconds`` otherwise."""
+        now = time.monotonic()
+        due = (
+            also
+            or not self.connected
+            or now - self.heard_at < ALERT_SECONDS
+            or now - self.polled_at >= self.idle_poll_seconds
+        )
+        if due:
+            self.polled_at = now
+        return due
+
+    def close(self) -> None:
+        """Close the subscription (polling goes on)."""
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = self.protocol = None

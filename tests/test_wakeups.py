@@ -1,0 +1,88 @@
+"""The service's pollers hear the Prefect server announce scheduled runs: a subscriber of
+a pool wakes for that pool's runs only (a real ``prefect server start``, its events
+websocket), asks the server at once and for a while after, then seldom; without the
+server's stream it polls every round, as it did before it listened."""
+
+from __future__ import annotations
+
+import time
+from uuid import uuid4
+
+import pytest
+
+from atomforge.deployments.wakeups import ALERT_SECONDS, ScheduledRuns
+from tests.prefect_server import api_post, free_port, server_env, start_server, stop
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A plain Prefect server; yield its client environment."""
+    home = tmp_path_factory.mktemp("wakeups")
+    env = server_env(home)
+    proc = start_server(env, home / "server.log")
+    try:
+        yield env
+    finally:
+        stop(proc)
+
+
+def _deployment_in(env: dict[str, str], pool: str) -> str:
+    """Create a work pool ``pool`` and a deployment of a flow on it; return its id."""
+    api_post(env, "/work_pools/", {"name": pool, "type": "process"})
+    flow = api_post(env, "/flows/", {"name": f"flow-{uuid4().hex[:8]}"})
+    body = {"name": "d", "flow_id": flow["id"], "work_pool_name": pool, "entrypoint": "x.py:f"}
+    return api_post(env, "/deployments/", body)["id"]
+
+
+def _heard_within(subscriber: ScheduledRuns, seconds: float) -> bool:
+    """Return whether ``subscriber`` hears a run of its pool within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        subscriber.wait(0.2)
+        if time.monotonic() - subscriber.heard_at < 1.0:
+            return True
+    return False
+
+
+def test_a_scheduled_run_wakes_the_subscriber_of_its_pool_and_not_another(server):
+    deployment = _deployment_in(server, "pool-a")
+    _deployment_in(server, "pool-b")
+    url = server["PREFECT_API_URL"]
+    of_a = ScheduledRuns(url, "", "pool-a", idle_poll_seconds=3600)
+    of_b = ScheduledRuns(url, "", "pool-b", idle_poll_seconds=3600)
+    assert of_a.connect() and of_b.connect()
+    time.sleep(ALERT_SECONDS)  # a fresh subscription counts as a word: let it pass
+    assert of_a.poll_due() and not of_a.poll_due()
+    api_post(server, f"/deployments/{deployment}/create_flow_run", {})
+    assert _heard_within(of_a, 30)
+    assert of_a.poll_due() and of_a.poll_due()  # asks every round for a while after
+    assert not _heard_within(of_b, 2)
+    assert of_b.poll_due() and not of_b.poll_due()
+    of_a.close()
+    of_b.close()
+
+
+def test_a_stream_lost_with_its_server_means_polling_every_round(tmp_path):
+    env = server_env(tmp_path)
+    proc = start_server(env, tmp_path / "server.log")
+    subscriber = ScheduledRuns(env["PREFECT_API_URL"], "", "pool-a", idle_poll_seconds=3600)
+    try:
+        assert subscriber.connect()
+        time.sleep(ALERT_SECONDS)
+        subscriber.poll_due()
+        assert not subscriber.poll_due()
+    finally:
+        stop(proc)
+    subscriber.wait(5.0)  # reads the close
+    assert not subscriber.connected
+    assert subscriber.poll_due() and subscriber.poll_due()
+    assert not subscriber.connect()  # no server: it keeps polling
+
+
+def test_without_a_server_a_poller_polls_every_round():
+    url = f"http://127.0.0.1:{free_port()}/api"
+    subscriber = ScheduledRuns(url, "", "pool-a", idle_poll_seconds=3600)
+    assert not subscriber.connect()
+    assert all(subscriber.poll_due() for _ in range(3))
