@@ -219,7 +219,7 @@ class Batcher:
     async def listen(self) -> None:
         """Subscribe to the server's announcements of the pool's requests, unless
         subscribed (or tried too recently), and hear them as they come."""
-        if self.wakeups.connected or not await asyncio.to_thread(self.wakeups.connect):
+        if not self.wakeups.may_connect or not await asyncio.to_thread(self.wakeups.connect):
             return
         fd = self.wakeups.fileno()
         asyncio.get_running_loop().add_reader(fd, self.hear, fd)
@@ -265,6 +265,7 @@ class Batcher:
                 await self.sleep(1.0)
             if self.due():
                 self.dispatch()
+                self.freed = True  # a full batch may have left requests waiting
                 continue
             if time.monotonic() - checked > CODE_CHECK_SECONDS:
                 checked = time.monotonic()

@@ -143,7 +143,8 @@ class Consumer:
         self.runs_dir = settings.dir / RUNS_DIR
         self.runs_dir.mkdir(exist_ok=True)
         auth = auth_string(settings)
-        self.wakeups = ScheduledRuns(settings.api_url, auth, POOL, settings.idle_poll_seconds)
+        idle = settings.idle_poll_seconds
+        self.wakeups = ScheduledRuns(settings.api_url, auth, POOL, idle, ends=True)
 
     def room(self) -> int:
         """Return how many more runs may start now."""
@@ -280,6 +281,7 @@ class Consumer:
         process starts no thread: its children are forked)."""
         helper = os.fork()
         if helper == 0:
+            self.wakeups.close()
             os._exit(run_end_hooks(run_id, flow))
         self.helpers.append(helper)
 

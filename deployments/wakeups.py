@@ -9,9 +9,11 @@ only runs that enter a Scheduled-type state: Scheduled, AwaitingRetry, Late, Res
 and asks at once when one of its pool's comes. It keeps asking every 0.2 s for
 :data:`ALERT_SECONDS` after (the server sends the event from inside its transaction, so
 the run may not be visible for a moment, and a burst brings more), and otherwise every
-``idle_poll_seconds`` (a run of a schedule becomes due without an event). While the
-stream is down (the server restarting) it polls as before and reconnects every
-:data:`RECONNECT_SECONDS`.
+``idle_poll_seconds`` (a run of a schedule becomes due without an event). With
+``ends=True`` (the consumer) a run of the pool that ended also counts once: its slot
+under the pool's limit may go to a run that waits. While the stream is down (the
+server restarting) it polls as before and reconnects every :data:`RECONNECT_SECONDS`.
+The stream is only a shortcut: whatever goes wrong with it, the owner polls.
 
 It starts no thread: the websocket is a plain socket driven by websockets' sans-I/O
 protocol, which the caller waits on (``select``, or its event loop's reader), so that
@@ -39,21 +41,27 @@ RECONNECT_SECONDS = 5.0
 """How often a lost subscription is tried again."""
 CONNECT_TIMEOUT_SECONDS = 2.0
 READ_BYTES = 1 << 16
+WAITING, ENDED = "SCHEDULED", ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 ALWAYS = "2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z"
 """The stream sends only events that occurred within its filter's window: all of them."""
 
 
 class ScheduledRuns:
     """A subscription to the server's events of flow runs of ``pool`` that became
-    Scheduled, and when its owner should ask the server for due runs."""
+    Scheduled (and, with ``ends``, that ended), and when its owner should ask the server
+    for due runs."""
 
-    def __init__(self, api_url: str, auth: str, pool: str, idle_poll_seconds: float) -> None:
+    def __init__(
+        self, api_url: str, auth: str, pool: str, idle_poll_seconds: float, ends: bool = False
+    ) -> None:
         parts = urlsplit(api_url)
         self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.uri = parse_uri(f"ws://{self.address[0]}:{self.address[1]}{parts.path}/events/out")
         self.auth = auth
         self.pool = pool
         self.idle_poll_seconds = idle_poll_seconds
+        self.states = [WAITING, *ENDED] if ends else [WAITING]
+        self.ended = False
         self.sock: socket.socket | None = None
         self.protocol: ClientProtocol | None = None
         self.tried_at = -RECONNECT_SECONDS
@@ -71,18 +79,23 @@ class ScheduledRuns:
         assert self.sock is not None
         return self.sock.fileno()
 
+    @property
+    def may_connect(self) -> bool:
+        """Return whether :meth:`connect` would try now: not subscribed, and the last try
+        :data:`RECONNECT_SECONDS` ago or more."""
+        return not self.connected and time.monotonic() - self.tried_at >= RECONNECT_SECONDS
+
     def connect(self) -> bool:
         """Subscribe, unless subscribed or the last try was less than
         :data:`RECONNECT_SECONDS` ago; return whether it is subscribed. A fresh
         subscription counts as a word from the server (runs scheduled meanwhile were not
         announced)."""
-        now = time.monotonic()
-        if self.connected or now - self.tried_at < RECONNECT_SECONDS:
+        if not self.may_connect:
             return self.connected
-        self.tried_at = now
+        now = self.tried_at = time.monotonic()
         try:
             self._open()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # the stream is a shortcut: without it, the owner polls
             if not self.said_down:
                 print(f"no event stream ({type(exc).__name__}: {exc}): polling", flush=True)
             self.said_down = True
@@ -94,24 +107,24 @@ class ScheduledRuns:
         return True
 
     def _open(self) -> None:
-        """Open the websocket, authenticate and send the filter; raise OSError or
-        ValueError (the server refused) if it cannot."""
+        """Open the websocket, authenticate and send the filter; raise OSError, or
+        ValueError when the server refused."""
         sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_SECONDS)
         self.sock = sock
         self.protocol = ClientProtocol(self.uri, subprotocols=[Subprotocol("prefect")])
         self.protocol.send_request(self.protocol.connect())
         self._flush()
         while self.protocol.state is State.CONNECTING:
+            if self.protocol.handshake_exc is not None:
+                raise ValueError(f"websocket refused: {self.protocol.handshake_exc}")
             self._receive(self._recv())
-        if self.protocol.state is not State.OPEN:
-            raise ValueError(f"websocket refused: {self.protocol.handshake_exc}")
         self._send({"type": "auth", "token": self.auth})
         while not (answers := self._messages()):
             self._receive(self._recv())
         if answers[0].get("type") != "auth_success":
             raise ValueError(f"the server refused the event stream's auth: {answers[0]}")
         since, until = ALWAYS
-        labels = {"prefect.state-type": "SCHEDULED"}
+        labels = {"prefect.state-type": self.states}
         stream = {
             "occurred": {"since": since, "until": until},
             "event": {"prefix": ["prefect.flow-run."]},
@@ -151,7 +164,8 @@ class ScheduledRuns:
         assert self.protocol is not None
         received = self.protocol.events_received()
         if self.protocol.state is not State.OPEN:
-            raise ConnectionResetError("the server closed the event stream")
+            reason = self.protocol.close_rcvd.reason if self.protocol.close_rcvd else ""
+            raise ConnectionResetError(f"the server closed the event stream {reason}".strip())
         return [
             json.loads(event.data)
             for event in received
@@ -160,58 +174,67 @@ class ScheduledRuns:
 
     def read(self) -> bool:
         """Read what the socket holds without blocking; return whether it announced a run
-        of the pool (then :meth:`poll_due` says yes for :data:`ALERT_SECONDS`). A lost
-        stream is closed here (polling goes on, and :meth:`connect` tries again)."""
+        of the pool (then :meth:`poll_due` says yes). A lost stream is closed here
+        (polling goes on, and :meth:`connect` tries again); so is one that sent what this
+        cannot read."""
         heard = False
         try:
             while True:
                 try:
-                    self._receive(self._recv())
+                    data = self._recv()
                 except BlockingIOError:
                     break
-                messages = self._messages()
-                heard |= any(
-                    self._of_pool(m["event"]) for m in messages if m.get("type") == "event"
-                )
-        except (OSError, ValueError) as exc:
+                self._receive(data)
+                for message in self._messages():
+                    if message.get("type") == "event":
+                        heard |= self._hear(message["event"])
+        except Exception as exc:  # the stream is a shortcut: without it, the owner polls
             print(f"event stream lost ({type(exc).__name__}: {exc}): polling", flush=True)
             self.close()
             return True
-        if heard:
-            self.heard_at = time.monotonic()
         return heard
 
-    def _of_pool(self, event: dict) -> bool:
-        """Return whether ``event`` is of a run of this subscription's pool."""
-        return any(
+    def _hear(self, event: dict) -> bool:
+        """Note ``event`` if it is of a run of the pool: one scheduled starts
+        :data:`ALERT_SECONDS` of polls, one ended makes one poll; return whether it was."""
+        of_pool = any(
             related.get("prefect.resource.role") == "work-pool"
             and related.get("prefect.resource.name") == self.pool
             for related in event.get("related", [])
         )
+        if of_pool and event["resource"].get("prefect.state-type") == WAITING:
+            self.heard_at = time.monotonic()
+        elif of_pool:
+            self.ended = True
+        return of_pool
 
     def wait(self, seconds: float) -> None:
-        """Wait ``seconds``, or less when the server announces a run of the pool
-        (subscribing first if not subscribed)."""
+        """Wait ``seconds``, or less when the server sends something (subscribing first
+        if not subscribed), and read it."""
         if not self.connect():
             time.sleep(seconds)
             return
-        readable, _, _ = select.select([self.fileno()], [], [], seconds)
-        if readable:
+        waiting = select.poll()
+        waiting.register(self.fileno(), select.POLLIN)
+        if waiting.poll(seconds * 1000):
             self.read()
 
     def poll_due(self, also: bool = False) -> bool:
         """Return whether to ask the server for due runs now (and count it as asked):
         when ``also``, without a subscription, within :data:`ALERT_SECONDS` of a run of
-        the pool announced, and every ``idle_poll_seconds`` otherwise."""
+        the pool announced, once after a run of the pool ended (with ``ends``), and every
+        ``idle_poll_seconds`` otherwise."""
         now = time.monotonic()
         due = (
             also
+            or self.ended
             or not self.connected
             or now - self.heard_at < ALERT_SECONDS
             or now - self.polled_at >= self.idle_poll_seconds
         )
         if due:
             self.polled_at = now
+            self.ended = False
         return due
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The service's pollers hear the Prefect server announce scheduled runs: a subscriber of
 a pool wakes for that pool's runs only (a real ``prefect server start``, its events
-websocket), asks the server at once and for a while after, then seldom; without the
-server's stream it polls every round, as it did before it listened."""
+websocket), asks the server at once and for a while after, once when a run of its pool
+ended, then seldom; without the server's stream it polls every round, as it did before
+it listened."""
 
 from __future__ import annotations
 
@@ -50,16 +51,25 @@ def test_a_scheduled_run_wakes_the_subscriber_of_its_pool_and_not_another(server
     deployment = _deployment_in(server, "pool-a")
     _deployment_in(server, "pool-b")
     url = server["PREFECT_API_URL"]
-    of_a = ScheduledRuns(url, "", "pool-a", idle_poll_seconds=3600)
+    of_a = ScheduledRuns(url, "", "pool-a", idle_poll_seconds=3600, ends=True)
     of_b = ScheduledRuns(url, "", "pool-b", idle_poll_seconds=3600)
     assert of_a.connect() and of_b.connect()
     time.sleep(ALERT_SECONDS)  # a fresh subscription counts as a word: let it pass
     assert of_a.poll_due() and not of_a.poll_due()
-    api_post(server, f"/deployments/{deployment}/create_flow_run", {})
+    run = api_post(server, f"/deployments/{deployment}/create_flow_run", {})
     assert _heard_within(of_a, 30)
     assert of_a.poll_due() and of_a.poll_due()  # asks every round for a while after
     assert not _heard_within(of_b, 2)
     assert of_b.poll_due() and not of_b.poll_due()
+
+    time.sleep(ALERT_SECONDS)
+    assert not of_a.poll_due()
+    cancelled = {"state": {"type": "CANCELLED"}, "force": True}
+    api_post(server, f"/flow_runs/{run['id']}/set_state", cancelled)
+    deadline = time.monotonic() + 30
+    while not of_a.ended and time.monotonic() < deadline:
+        of_a.wait(0.2)
+    assert of_a.poll_due() and not of_a.poll_due()  # a run that ended: one poll
     of_a.close()
     of_b.close()
 
