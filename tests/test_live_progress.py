@@ -21,9 +21,9 @@ from atomforge.flows.ui.counts import Counts, count
 from tests.conftest import use_xtb_wrapper
 
 SLOW_OR_BAD = """#!/bin/sh
-# Real xtb, 3 s late in a folder named *-slow; in one named *-bad it fails.
+# Real xtb, 6 s late in a folder named *-slow; in one named *-bad it fails.
 case "$(basename "$PWD")" in
-  *-slow) sleep 3 ;;
+  *-slow) sleep 6 ;;
   *-bad) echo "broken on purpose" >&2; exit 1 ;;
 esac
 exec xtb "$@"
