@@ -6,8 +6,8 @@ worker's environment; ``ATOMFORGE_SERVICE_CONSUMER``) imports what flow runs use
 (:func:`~atomforge.deployments.warm_exec.warm_up`), starting no thread, and keeps one
 plain HTTP client of the API. It counts the pool's due runs when the server announces
 one (:mod:`~atomforge.deployments.wakeups`: every ``consumer_poll_seconds`` for a while
-after, every ``idle_poll_seconds`` otherwise) and when a child ended, and, with room
-under its limit (``worker_limit``, the pool's own), takes them as a
+after, every ``idle_poll_seconds`` otherwise) and when a run of the pool or a child
+ended, and, with room under its limit (``worker_limit``, the pool's own), takes them as a
 worker does (the server orders them by queue priority and applies the pool's limits):
 it claims each (Scheduled -> Pending, "claimed by consumer HOST pid N"; the server
 refuses a run someone else took) and forks a child that runs it with Prefect's flow
