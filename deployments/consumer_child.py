@@ -29,6 +29,8 @@ from contextlib import contextmanager
 
 from prefect.flows import Flow
 
+from atomforge.flows.local_server import send_held_telemetry
+
 CANCEL = b"c"
 SUSPEND = b"s"
 SUSPENSION_RETRY_SECONDS = 0.1
@@ -122,9 +124,7 @@ def _exit_code(call: Callable[[], None]) -> int:
         traceback.print_exc()
         return 1
     finally:
-        from prefect._internal.concurrency.services import QueueService
-
-        QueueService.drain_all(timeout=DRAIN_SECONDS)
+        send_held_telemetry(DRAIN_SECONDS)
         sys.stdout.flush()
         sys.stderr.flush()
 

@@ -464,7 +464,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with contextlib.suppress(Exception):
-            _send_held_telemetry()
+            send_held_telemetry(DRAIN_SECONDS)
             sys.stdout.flush()
             sys.stderr.flush()
         with contextlib.suppress(OSError):
@@ -472,13 +472,13 @@ def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> 
         os._exit(code if isinstance(code, int) else 1)
 
 
-def _send_held_telemetry() -> None:
-    """Send what Prefect's background services still hold: the run's logs and the events
-    of its last task runs (an interpreter's exit would, and the child ends with
-    ``os._exit``), waiting at most :data:`DRAIN_SECONDS`."""
+def send_held_telemetry(timeout: float) -> None:
+    """Send what Prefect's background services still hold in a process about to end with
+    ``os._exit`` (an interpreter's exit would): a run's logs and the events of its last
+    task runs, waiting at most ``timeout`` seconds. Returns nothing."""
     from prefect._internal.concurrency.services import QueueService
 
-    QueueService.drain_all(timeout=DRAIN_SECONDS)
+    QueueService.drain_all(timeout=timeout)
 
 
 WARM_MODULES = (
