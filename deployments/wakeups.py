@@ -173,8 +173,9 @@ class ScheduledRuns:
         ]
 
     def read(self) -> bool:
-        """Read what the socket holds without blocking; return whether it announced a run
-        of the pool (then :meth:`poll_due` says yes). A lost stream is closed here
+        """Read what the socket holds without blocking; return whether it told of a run of
+        the pool, scheduled or (with ``ends``) ended (then :meth:`poll_due` says yes), or
+        was lost. A lost stream is closed here
         (polling goes on, and :meth:`connect` tries again); so is one that sent what this
         cannot read."""
         heard = False
