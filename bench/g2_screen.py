@@ -4,7 +4,9 @@ The same work runs twice in one process: through atomforge's ``screen`` flow (th
 Prefect API the ``atomforge`` command starts, local Dask cluster) and through a bare
 ``multiprocessing.Pool`` that runs the same engine with the same settings. Prints both
 wall times, their ratio and the overhead per structure, as medians over ``--repeat``
-alternating rounds. Run:
+alternating rounds, and where the CPU time of a round went: in the bare pool (this
+process, its workers and their engines) and in atomforge (the flow's process, the engines
+and runners it started, the Prefect server). Run:
 ``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N] [--copies N]
 [--repeat R]`` (``--copies 10``: the 1,190-structure case).
 
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,9 +31,13 @@ from multiprocessing import Pool
 from pathlib import Path
 from statistics import median
 
+import psutil
 from ase.collections import g2
 from ase.io import read, write
 from cli_command import timed
+
+SERVER_COMMANDS = ("atomforge.flows.watchdog", "uvicorn")
+"""What the command line of the embedded Prefect server (or its watchdog) contains."""
 
 
 def closed_shell_g2() -> list[tuple[str, object]]:
@@ -105,6 +112,38 @@ def bare_folder(folder: Path, engine: str, workers: int) -> None:
     print(f"{len(done)} done")
 
 
+def cpu_used() -> dict[str, float]:
+    """Return the CPU seconds (user and system) used so far by this process, by the
+    processes it has waited for and those still running under it (each with the ones it
+    waited for), and by the Prefect server under it."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = {
+        "process": own.ru_utime + own.ru_stime,
+        "children": waited.ru_utime + waited.ru_stime,
+        "server": 0.0,
+    }
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            server = any(part in " ".join(child.cmdline()) for part in SERVER_COMMANDS)
+        except psutil.Error:
+            continue
+        spent = times.user + times.system + times.children_user + times.children_system
+        used["server" if server else "children"] += spent
+    return used
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Return the CPU seconds of each kind used between two :func:`cpu_used` readings."""
+    return {kind: after[kind] - before[kind] for kind in before}
+
+
+def median_cpu(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Return the median of each kind of CPU seconds over ``rounds``."""
+    return {kind: median(spent[kind] for spent in rounds) for kind in rounds[0]}
+
+
 def whole_processes(folder: Path, engine: str, workers: int, repeat: int) -> tuple[list, list]:
     """Time the bare script and ``atomforge screen`` as fresh processes, alternating;
     return both lists of wall times."""
@@ -169,16 +208,18 @@ def main() -> None:
     else:
         embedded_server.start()  # as `atomforge screen` with ATOMFORGE_LOCAL_SERVER=false
         asyncio.run(simulate(StructureSource(text=to_extxyz(g2["H2O"])), params))  # warm-up
-        bare_times, forge_times = [], []
+        bare_times, forge_times, bare_cpu, forge_cpu = [], [], [], []
         for _ in range(args.repeat):
-            started = time.perf_counter()
+            started, cpu_before = time.perf_counter(), cpu_used()
             with Pool(args.workers, initializer=one_openmp_thread) as pool:
                 bare = pool.map(bare_job, jobs, chunksize=1)
             bare_times.append(time.perf_counter() - started)
+            bare_cpu.append(cpu_spent(cpu_before, cpu_used()))
 
-            started = time.perf_counter()
+            started, cpu_before = time.perf_counter(), cpu_used()
             report = asyncio.run(screen(StructureSource(path=str(folder)), params))
             forge_times.append(time.perf_counter() - started)
+            forge_cpu.append(cpu_spent(cpu_before, cpu_used()))
         bare_done = f"{len(bare)} done"
         forge_done = f"{report.n_completed} of {report.n_structures} completed"
 
@@ -193,6 +234,24 @@ def main() -> None:
     )
     print(f"ratio atomforge / bare:    {forge_seconds / bare_seconds:8.2f}")
     print(f"overhead per structure:    {(forge_seconds - bare_seconds) / n * 1000:8.1f} ms")
+    if not args.whole_process:
+        print_cpu(median_cpu(bare_cpu), median_cpu(forge_cpu), args.workers)
+
+
+def print_cpu(bare: dict[str, float], forge: dict[str, float], workers: int) -> None:
+    """Print the median CPU seconds of a round of each way, by where they were spent, and
+    the wall time that atomforge's extra CPU would take on ``workers`` busy cores."""
+    bare_total, forge_total = sum(bare.values()), sum(forge.values())
+    print(
+        f"CPU a round, bare pool:    {bare_total:8.2f} s (this process {bare['process']:.2f}, "
+        f"workers and engines {bare['children']:.2f})"
+    )
+    print(
+        f"CPU a round, atomforge:    {forge_total:8.2f} s (flow process {forge['process']:.2f}, "
+        f"engines and runners {forge['children']:.2f}, Prefect server {forge['server']:.2f})"
+    )
+    extra = forge_total - bare_total
+    print(f"extra CPU / {workers} workers:    {extra / workers:8.2f} s")
 
 
 if __name__ == "__main__":
