@@ -4,7 +4,8 @@ Runs, on the embedded Prefect API and the same ``DaskTaskRunner`` atomforge buil
 empty async flow and a flow of no-op tasks shaped like a run (validate, prepare-inputs
 and parse-results in the flow's process, one run-engine task per worker on Dask), and
 prints their median wall times. The difference between ``bench/g2_screen.py --limit 2``
-and the second figure is what atomforge itself adds per run. Then prints the CPU time
+and the second figure is what atomforge itself adds per run; each figure comes with the CPU
+time the flow's process spent on it. Then prints the CPU time
 the Prefect server spends on each thing a run asks of it, from ``--count`` of each in a
 row: a flow run (an empty flow), a task run, a keyed markdown artifact created, an
 artifact updated in place, a log line. Run:
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -63,15 +65,26 @@ def main() -> None:
     flows = {"empty async flow": empty, "run-shaped flow of no-op tasks": run_shaped}
     asyncio.run(run_shaped())  # warm-up: starts the embedded API
     times: dict[str, list[float]] = {name: [] for name in flows}
+    cpu: dict[str, list[float]] = {name: [] for name in flows}
     for _ in range(args.repeat):
         for name, timed_flow in flows.items():
-            started = time.perf_counter()
+            started, cpu_before = time.perf_counter(), process_cpu()
             asyncio.run(timed_flow())
             times[name].append(time.perf_counter() - started)
+            cpu[name].append(process_cpu() - cpu_before)
     print(f"{args.workers} Dask worker(s), median of {args.repeat} rounds (min in brackets)")
     for name, seconds in times.items():
-        print(f"{name:32s} {median(seconds):6.3f} s [{min(seconds):.3f}]")
+        print(
+            f"{name:32s} {median(seconds):6.3f} s [{min(seconds):.3f}], "
+            f"the flow's process {median(cpu[name]):.3f} CPU s"
+        )
     print_server_costs(empty, args.count)
+
+
+def process_cpu() -> float:
+    """Return the CPU seconds (user and system) this process has used so far."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
 
 
 def server_cpu() -> float:
