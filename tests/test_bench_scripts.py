@@ -26,6 +26,7 @@ EXPECTED = {
     [
         ("g2_screen.py", ["--limit", "2", "--copies", "2", "--repeat", "1"]),
         ("prefect_floor.py", ["--repeat", "1", "--count", "2"]),
+        ("engine_launch.py", ["--n", "5", "--repeat", "1"]),
         ("qe_screen.py", ["--ecutwfc", "12", "--kpts", "1", "--repeat", "1"]),
         ("chgnet_screen.py", ["--n", "2", "--steps", "3", "--repeat", "1"]),
     ],
