@@ -232,12 +232,30 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
     return source, params, options
 
 
-def run_flow(coroutine: Coroutine[Any, Any, T]) -> T:
+def start_runner(params: CalculationParameters) -> None:
+    """Start the warm runner zygote of ``params``' engine now if it is a batch engine whose
+    chunks will run in this process (see :func:`atomforge.engines.runloop.prepare_runner`):
+    its imports then overlap the flow run's creation and first steps. A run whose
+    structures all turn out to be reused leaves it unused. Returns None."""
+    from atomforge.engines import get_engine
+    from atomforge.engines.runloop import prepare_runner
+    from atomforge.flows.scheduling.dask_runner import runs_chunks_here
+    from atomforge.flows.settings import get_settings
+
+    if runs_chunks_here(get_settings()):
+        prepare_runner(get_engine(params.engine), params)
+
+
+def run_flow(
+    coroutine: Coroutine[Any, Any, T], runner_params: CalculationParameters | None = None
+) -> T:
     """Return what the flow call ``coroutine`` returns; Ctrl-C cancels the run (raising
     :class:`interrupt.Interrupted`; Dask worker processes leave it to this one, see
     :mod:`atomforge.flows.worker_preload`). Without a configured Prefect API it runs on
     Prefect's embedded server, started here under a watchdog (see
-    :mod:`atomforge.flows.embedded_server`).
+    :mod:`atomforge.flows.embedded_server`). With ``runner_params``, the runner their
+    chunks need starts (:func:`start_runner`) once the API is set, so that it has the
+    environment the chunks will have.
     """
     import dask
 
@@ -253,6 +271,8 @@ def run_flow(coroutine: Coroutine[Any, Any, T]) -> T:
         except BaseException:  # Ctrl-C while it starts: the flow never ran
             coroutine.close()
             raise
+    if runner_params is not None:
+        start_runner(runner_params)
     return interrupt.run(coroutine)
 
 
@@ -263,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from atomforge.flows.simulate import simulate
     from atomforge.flows.store.files import query_results, result_path
 
-    state = run_flow(simulate(source, params, options, return_state=True))
+    state = run_flow(simulate(source, params, options, return_state=True), params)
     results = query_results(
         get_settings().resolved_results_root(), flow_run_id=str(state.state_details.flow_run_id)
     )
@@ -286,7 +306,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from atomforge.flows.settings import get_settings
     from atomforge.flows.store.files import iter_results
 
-    state = run_flow(screen(source, params, options, args.rank_by, return_state=True))
+    state = run_flow(screen(source, params, options, args.rank_by, return_state=True), params)
     if not state.is_completed():
         print(f"atomforge: error: {state.message}", file=sys.stderr)
         return EXIT_ENGINE_FAILED

@@ -313,3 +313,25 @@ def test_prepare_runner_starts_the_zygote_the_first_chunk_is_forked_from(tmp_pat
     run_jobs(engine, directories, params, control)
     assert JobStatus.read(directories[0]).status is Status.completed
     assert _zygote_pid() == zygote  # a chunk of another environment would have replaced it
+
+
+def test_a_command_starts_the_zygote_before_its_flow_run(monkeypatch):
+    """``atomforge run`` and ``screen`` start the zygote of a batch engine as the flow run
+    starts, with the environment its chunks will have (the flow's own start finds it);
+    not for an engine without a runner, nor for chunks that go to another scheduler."""
+    from atomforge.flows import cli
+
+    monkeypatch.setenv("ATOMFORGE_WARM_RUNNERS", "true")
+    warm_runner._ZYGOTES.forget()
+    cli.start_runner(make_parameters("xtb"))
+    assert _zygote_pid() is None
+    params = make_parameters("tblite", kind="optimize")
+    monkeypatch.setenv("ATOMFORGE_DASK_ADDRESS", "tcp://127.0.0.1:1")
+    cli.start_runner(params)
+    assert _zygote_pid() is None
+    monkeypatch.delenv("ATOMFORGE_DASK_ADDRESS")
+    cli.start_runner(params)
+    zygote = _zygote_pid()
+    assert zygote is not None
+    prepare_runner(get_engine("tblite"), params)  # what the flow does before its chunks
+    assert _zygote_pid() == zygote

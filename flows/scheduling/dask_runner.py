@@ -83,8 +83,7 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
         }
     )
     per_worker = 1 if settings.dask_processes else settings.dask_workers
-    processes = settings.dask_cluster_kwargs.get("processes", settings.dask_processes)
-    runner_class = DaskTaskRunner if processes else InProcessDaskTaskRunner
+    runner_class = InProcessDaskTaskRunner if runs_chunks_here(settings) else DaskTaskRunner
     return runner_class(
         cluster_kwargs={
             "n_workers": settings.dask_workers // per_worker,
@@ -96,6 +95,15 @@ def dask_task_runner(settings: Settings | None = None) -> DaskTaskRunner:
         },
         adapt_kwargs=adapt,
     )
+
+
+def runs_chunks_here(settings: Settings) -> bool:
+    """Return whether a run's run-engine tasks go to worker threads of its own process (the
+    default ``LocalCluster``), not to an existing scheduler, an HPC cluster or worker
+    processes."""
+    external = settings.dask_address or settings.dask_cluster_class or slurm.is_slurm(settings)
+    processes = settings.dask_cluster_kwargs.get("processes", settings.dask_processes)
+    return not external and not processes
 
 
 def task_context(asset: dict[str, Any]) -> dict[str, Any]:
