@@ -49,6 +49,6 @@ def start() -> str:
     finally:
         server.subprocess = subprocess
     os.environ["PREFECT_API_URL"] = embedded.api_url
-    trust_plain_http(os.environ, get_settings().home)
+    trust_plain_http(os.environ, get_settings().home.expanduser())
     refresh_global_settings_context()
     return embedded.api_url

@@ -202,3 +202,29 @@ def test_screen_on_a_terminal_draws_a_progress_bar_and_not_elsewhere(tmp_path):
     assert "2/2" in drawn and ("a: completed" in drawn or "b: completed" in drawn)
     piped = _atomforge("screen", str(folder), "--kind", "singlepoint", home=tmp_path / "home2")
     assert "2/2" not in piped.stderr
+
+
+def test_a_home_given_with_a_tilde_is_under_the_users_home(tmp_path):
+    """``ATOMFORGE_HOME=~/forge`` (the form of the default, ``~/.atomforge``) is a folder of
+    the user's home: a command on the embedded server writes its files there, and no folder
+    named ``~`` appears where the command was run."""
+    from atomforge.deployments.api_trust import FILE_NAME, VARIABLE
+
+    user_home, cwd = tmp_path / "user", tmp_path / "cwd"
+    user_home.mkdir()
+    cwd.mkdir()
+    env = os.environ | {"HOME": str(user_home), "ATOMFORGE_HOME": "~/forge"}
+    env.pop(VARIABLE, None)
+    out = subprocess.run(
+        [ATOMFORGE, "run", "-", "--kind", "singlepoint"],
+        env=env,
+        cwd=cwd,
+        input=WATER_XYZ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert not (cwd / "~").exists()
+    assert (user_home / "forge" / FILE_NAME).is_file()
+    assert any((user_home / "forge" / "results").iterdir())
