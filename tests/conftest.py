@@ -111,13 +111,14 @@ ATOMFORGE = str(Path(sys.executable).with_name("atomforge"))
 
 
 def run_atomforge(
-    env: dict[str, str], *args: str, stdin: str | None = None
+    env: dict[str, str], *args: str, stdin: str | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
-    """Run the atomforge command from the repository with ``env``; return how it ended."""
+    """Run the atomforge command in ``cwd`` (the repository) with ``env``; return how it
+    ended."""
     return subprocess.run(
         [ATOMFORGE, *args],
         env=env,
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         input=stdin,

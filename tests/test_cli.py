@@ -215,15 +215,7 @@ def test_a_home_given_with_a_tilde_is_under_the_users_home(tmp_path):
     cwd.mkdir()
     env = os.environ | {"HOME": str(user_home), "ATOMFORGE_HOME": "~/forge"}
     env.pop(VARIABLE, None)
-    out = subprocess.run(
-        [ATOMFORGE, "run", "-", "--kind", "singlepoint"],
-        env=env,
-        cwd=cwd,
-        input=WATER_XYZ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_atomforge(env, "run", "-", "--kind", "singlepoint", stdin=WATER_XYZ, cwd=cwd)
     assert out.returncode == 0, out.stderr
     assert not (cwd / "~").exists()
     assert (user_home / "forge" / FILE_NAME).is_file()
