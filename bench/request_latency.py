@@ -3,8 +3,9 @@
 Brings ``atomforge service up`` in a temporary folder (PostgreSQL, server with auth, the
 process pool, the warm consumer, the warm executor, the worker; reuse of earlier results
 off, so that each
-request computes) and submits ``simulate`` of water with xtb through the deployment with
-``run_deployment(..., timeout=0)``, the way a job service is used:
+request computes) and submits ``simulate`` of water with xtb (``--engine``: another)
+through the deployment with ``run_deployment(..., timeout=0)``, the way a job service is
+used:
 
 - one at a time (``--sequential`` requests, each waited for): p50 and p95 of submission
   to Completed (the Completed state's timestamp), and the median of its stages: waiting
@@ -21,7 +22,8 @@ consumer), ``python -m prefect.engine`` (the engine started for each run), and o
 time also Prefect's own launcher (``command`` null: its workspace supervisor, then the
 engine). ``--burst`` is the consumer's, ``--baseline-burst`` each other launcher's. Prints
 a table and the ratios against the consumer. Run: ``.venv/bin/python
-bench/request_latency.py [--sequential 10] [--burst 100] [--baseline-burst 100]``.
+bench/request_latency.py [--sequential 10] [--burst 100] [--baseline-burst 100]
+[--engine xtb]``.
 
 The batched deployment (``simulate/batched``, served by the batcher) is measured with
 ``--batched N`` (N requests submitted at once: throughput, p50, p95, the slowest, the
@@ -224,11 +226,13 @@ class Phase:
         return f"  {name}: CPU s per request: {parts}"
 
 
-async def _submit(client, job_variables: dict, deployment: str = DEPLOYMENT) -> Request:
+async def _submit(
+    client, job_variables: dict, engine: str, deployment: str = DEPLOYMENT
+) -> Request:
     from prefect.deployments import run_deployment
 
     request = Request(submitted=time.time())
-    parameters = {"source": {"path": str(WATER)}, "parameters": {"engine": "xtb"}}
+    parameters = {"source": {"path": str(WATER)}, "parameters": {"engine": engine}}
     run = await run_deployment(
         deployment,
         parameters=parameters,
@@ -265,23 +269,23 @@ def _seconds(stamp: datetime) -> float:
     return stamp.timestamp()
 
 
-async def sequential(client, job_variables: dict, n: int, service_dir: Path) -> Phase:
+async def sequential(client, job_variables: dict, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests one after the other, each once the last is final."""
     done = []
     cpu = service_cpu(service_dir)
     with ProcessPeak(service_dir.parent / "atomforge") as peak:
         for _ in range(n):
-            request = await _submit(client, job_variables)
+            request = await _submit(client, job_variables, engine)
             await _settle(client, [request], poll=0.1)
             done.append(request)
     return Phase(done, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
 
 
-async def burst(client, job_variables: dict, n: int, service_dir: Path) -> Phase:
+async def burst(client, job_variables: dict, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests at once and wait for all of them."""
     cpu = service_cpu(service_dir)
     with ProcessPeak(service_dir.parent / "atomforge") as peak:
-        requests = await asyncio.gather(*(_submit(client, job_variables) for _ in range(n)))
+        requests = await asyncio.gather(*(_submit(client, job_variables, engine) for _ in range(n)))
         await _settle(client, list(requests), poll=0.25)
     return Phase(list(requests), peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
 
@@ -314,23 +318,23 @@ async def _settle_quietly(client, requests: list[Request], poll: float = 1.0) ->
                 request.batch = state.message.split()[2] if "in batch" in state.message else ""
 
 
-async def batched_burst(client, n: int, service_dir: Path) -> Phase:
+async def batched_burst(client, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests of the batched deployment at once and wait for all."""
     cpu = service_cpu(service_dir)
     with ProcessPeak(service_dir.parent / "atomforge") as peak:
-        submit = (_submit(client, {}, BATCHED) for _ in range(n))
+        submit = (_submit(client, {}, engine, BATCHED) for _ in range(n))
         requests = list(await asyncio.gather(*submit))
         await _settle_quietly(client, requests)
     return Phase(requests, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
 
 
-async def batched_sequential(client, n: int, service_dir: Path) -> Phase:
+async def batched_sequential(client, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests of the batched deployment one after the other."""
     done = []
     cpu = service_cpu(service_dir)
     with ProcessPeak(service_dir.parent / "atomforge") as peak:
         for _ in range(n):
-            request = await _submit(client, {}, BATCHED)
+            request = await _submit(client, {}, engine, BATCHED)
             await _settle_quietly(client, [request], poll=0.2)
             done.append(request)
     return Phase(done, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
@@ -488,21 +492,26 @@ async def measure(args: argparse.Namespace, service_dir: Path) -> None:
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
-        await sequential(client, {}, 2, service_dir)
+        engine = args.engine
+        await sequential(client, {}, 2, service_dir, engine)
         if args.batched or args.batched_sequential:
-            await batched_sequential(client, 2, service_dir)
+            await batched_sequential(client, 2, service_dir, engine)
             one = None
             if args.batched_sequential:
-                one = await batched_sequential(client, args.batched_sequential, service_dir)
+                one = await batched_sequential(client, args.batched_sequential, service_dir, engine)
             at_once = (
-                await batched_burst(client, args.batched, service_dir) if args.batched else None
+                await batched_burst(client, args.batched, service_dir, engine)
+                if args.batched
+                else None
             )
             report_batched(at_once, one)
         rows = {}
         for name in args.launchers:
             if args.sequential:
                 variables = job_variables(name, service_dir)
-                rows[name] = await sequential(client, variables, args.sequential, service_dir)
+                rows[name] = await sequential(
+                    client, variables, args.sequential, service_dir, engine
+                )
         if rows:
             report_sequential(rows)
         bursts = {}
@@ -510,7 +519,7 @@ async def measure(args: argparse.Namespace, service_dir: Path) -> None:
             size = args.burst if index == 0 else args.baseline_burst
             if size:
                 variables = job_variables(name, service_dir)
-                bursts[name] = await burst(client, variables, size, service_dir)
+                bursts[name] = await burst(client, variables, size, service_dir, engine)
         if bursts:
             report_burst(bursts)
 
@@ -524,6 +533,7 @@ def main() -> None:
     parser.add_argument(
         "--launchers", default="consumer,warm,engine,prefect", type=lambda s: s.split(",")
     )
+    parser.add_argument("--engine", default="xtb", help="the engine each request runs")
     parser.add_argument("--batched", type=int, default=0, help="requests at once, batched")
     parser.add_argument(
         "--batched-sequential", type=int, default=0, help="batched requests one at a time"
