@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from prefect.flows import Flow
 
 from atomforge.flows.local_server import send_held_telemetry
+from atomforge.flows.runner_start import start_runner_of_run
 
 CANCEL = b"c"
 SUSPEND = b"s"
@@ -135,6 +136,7 @@ def run_flow_run(run: dict, flow: Flow, pipe_fd: int) -> int:
 
     def run_it() -> None:
         _become_run_process(run)
+        start_runner_of_run(run.get("parameters") or {}, fork=True)  # before any thread
         _watch_consumer(pipe_fd, run["id"])
         from prefect import flow_engine
         from prefect.client.schemas.objects import FlowRun

@@ -582,12 +582,23 @@ def start_batcher(settings: ServiceSettings, wait: bool = True) -> None:
     _start_until_ready(settings, "batcher", argv, batcher_env(settings), ready, "the batcher", wait)
 
 
+def consumer_env(settings: ServiceSettings) -> dict[str, str]:
+    """Return the consumer's environment: the worker's, with ``OMP_NUM_THREADS=1`` unless
+    it sets one. Its own numerical libraries then run one thread, as an ASE runner of
+    one core does, so its request children may fork their runner zygote from themselves
+    (:func:`atomforge.engines.warm_runner.allow_forked_zygote`); each engine sets its
+    own threads."""
+    env = worker_env(settings)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def start_consumer(settings: ServiceSettings, wait: bool = True) -> None:
     """Start the warm consumer unless it runs, and with ``wait``, wait until it polls
     (raise ServiceError if it ended instead)."""
     ready = settings.dir / "consumer.ready"
     argv = [sys.executable, "-m", "atomforge.deployments.consumer"]
-    env = worker_env(settings)
+    env = consumer_env(settings)
     _start_until_ready(settings, "consumer", argv, env, ready, "the consumer", wait)
 
 

@@ -89,15 +89,16 @@ def run_jobs(
         raise EngineError(f"{engine.name}: {crashed[0].message}", retryable=True)
 
 
-def prepare_runner(engine: Engine, params: CalculationParameters) -> None:
+def prepare_runner(engine: Engine, params: CalculationParameters, fork: bool = False) -> None:
     """Start, in this process, the warm zygote that a batch ``engine``'s runner for
     ``params`` will be forked from, with the engine's calculator imported (see
-    :mod:`atomforge.engines.warm_runner`), so that its imports overlap what comes before
-    the first chunk. Other engines start no runner: nothing happens."""
+    :mod:`atomforge.engines.warm_runner`; ``fork`` as :func:`~atomforge.engines.warm_runner.prewarm`
+    says), so that its imports overlap what comes before the first chunk. Other engines
+    start no runner: nothing happens."""
     if not engine.batch:
         return
     command = engine.command(params, [])
-    prewarm(command.argv, engine_environment(command.env), engine.name)
+    prewarm(command.argv, engine_environment(command.env), engine.name, fork)
 
 
 def _run_each(

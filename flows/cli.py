@@ -232,20 +232,6 @@ def _prepare(args: argparse.Namespace, skip_invalid: bool = False):
     return source, params, options
 
 
-def start_runner(params: CalculationParameters) -> None:
-    """Start the warm runner zygote of ``params``' engine now if it is a batch engine whose
-    chunks will run in this process (see :func:`atomforge.engines.runloop.prepare_runner`):
-    its imports then overlap the flow run's creation and first steps. A run whose
-    structures all turn out to be reused leaves it unused. Returns None."""
-    from atomforge.engines import get_engine
-    from atomforge.engines.runloop import prepare_runner
-    from atomforge.flows.scheduling.dask_runner import runs_chunks_here
-    from atomforge.flows.settings import get_settings
-
-    if runs_chunks_here(get_settings()):
-        prepare_runner(get_engine(params.engine), params)
-
-
 def run_flow(
     coroutine: Coroutine[Any, Any, T], runner_params: CalculationParameters | None = None
 ) -> T:
@@ -254,8 +240,9 @@ def run_flow(
     :mod:`atomforge.flows.worker_preload`). Without a configured Prefect API it runs on
     Prefect's embedded server, started here under a watchdog (see
     :mod:`atomforge.flows.embedded_server`). With ``runner_params``, the runner their
-    chunks need starts (:func:`start_runner`) once the API is set, so that it has the
-    environment the chunks will have.
+    chunks need starts (:func:`atomforge.flows.runner_start.start_runner`) once the API
+    is set, so that it has the environment the chunks will have (in a command's child of
+    the local server, forked from it: its only other thread waits on the caller's socket).
     """
     import dask
 
@@ -272,7 +259,9 @@ def run_flow(
             coroutine.close()
             raise
     if runner_params is not None:
-        start_runner(runner_params)
+        from atomforge.flows.runner_start import start_runner
+
+        start_runner(runner_params, fork=local_server.in_command_child())
     return interrupt.run(coroutine)
 
 
@@ -370,7 +359,10 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     _check_workflow(spec)
     from atomforge.flows.workflow import workflow
 
-    state = run_flow(workflow(spec, return_state=True))
+    first = spec.steps[0]
+    state = run_flow(
+        workflow(spec, return_state=True), None if first.deployment else first.resolve()
+    )
     run_id = str(state.state_details.flow_run_id)
     if args.json:
         root = get_settings().resolved_results_root()

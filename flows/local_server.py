@@ -208,12 +208,16 @@ def ensure(env: Mapping[str, str] = os.environ) -> ServerState:
 
 
 def _start(folder: Path, env: Mapping[str, str], stamp: str) -> ServerState:
-    """Start the server process detached (a session of its own); record and return it."""
+    """Start the server process detached (a session of its own); record and return it.
+    Its numerical libraries run one thread unless ``env`` says otherwise
+    (``OMP_NUM_THREADS``; each engine sets its own threads), as an ASE runner of one core
+    does, so that a command's child may fork its runner zygote from itself (see
+    :func:`atomforge.engines.warm_runner.prewarm`)."""
     port = int(env.get("ATOMFORGE_LOCAL_SERVER_PORT", "0")) or _free_port()
     log = (folder / "server.log").open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", MARKER, "serve", str(port)],
-        env={**env, "ATOMFORGE_HOME": str(folder.parent)},
+        env={"OMP_NUM_THREADS": "1", **env, "ATOMFORGE_HOME": str(folder.parent)},
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -427,8 +431,17 @@ def _end_with_caller(conn: socket.socket) -> None:
     threading.Thread(target=wait, name="caller-watch", daemon=True).start()
 
 
+_command_child = False
+
+
+def in_command_child() -> bool:
+    """Return whether this process is a command's child forked by the local server."""
+    return _command_child
+
+
 def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> None:
     """Run one command in this forked process as its caller would have; never returns."""
+    import_module(__spec__.name)._command_child = True  # this file also runs as __main__
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -213,9 +213,13 @@ def test_warm_runners_can_be_turned_off(tmp_path, monkeypatch):
 
 
 OWNER_SCRIPT = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from atomforge.engines.process import run_process
+from atomforge.engines.warm_runner import prewarm
+
+if os.environ.get("OWNER_FORKS_ZYGOTE"):
+    prewarm(sys.argv[3:], dict(os.environ), "emt", fork=True)
 
 cwd = Path(sys.argv[1])
 outcome = run_process(
@@ -230,26 +234,40 @@ time.sleep(0.5)
 """
 
 
-def _start_owner(cwd: Path, argv: list[str], timeout: float) -> subprocess.Popen:
-    """Start a process that runs ``argv`` with run_process; return it."""
+def _start_owner(cwd: Path, argv: list[str], timeout: float, forks: bool) -> subprocess.Popen:
+    """Start a process that runs ``argv`` with run_process (with ``forks``, forking its
+    zygote from itself); return it."""
     script = cwd / "owner.py"
     script.write_text(OWNER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if forks:
+        env["OWNER_FORKS_ZYGOTE"] = "1"
     return subprocess.Popen(
         [sys.executable, str(script), str(cwd), str(timeout), *argv],
         cwd=REPO,
         stdout=(cwd / "owner.log").open("w"),
         stderr=subprocess.STDOUT,
+        env=env,
     )
 
 
-def test_kill_9_of_the_owner_leaves_no_runner_and_no_zygote(tmp_path):
+def _assert_zygote_of(owner: subprocess.Popen, zygote: int, forked: bool) -> None:
+    """Assert that ``zygote`` is ``owner``'s, forked from it or started anew as asked."""
+    process = psutil.Process(zygote)
+    assert process.ppid() == owner.pid
+    started_anew = "atomforge.engines.zygote" in " ".join(process.cmdline())
+    assert started_anew is not forked
+
+
+@pytest.mark.parametrize("forked", [False, True], ids=["started", "forked"])
+def test_kill_9_of_the_owner_leaves_no_runner_and_no_zygote(tmp_path, forked):
     argv, cwd = _long_job(tmp_path)
-    owner = _start_owner(cwd, argv, timeout=600)
+    owner = _start_owner(cwd, argv, timeout=600, forks=forked)
     try:
         record = _wait_for_record(cwd / "pids")
         runner = psutil.Process(record["pid"])
         zygote = runner.ppid()
-        assert "atomforge.engines.zygote" in " ".join(psutil.Process(zygote).cmdline())
+        _assert_zygote_of(owner, zygote, forked)
         assert os.getsid(runner.pid) == runner.pid
         owner.send_signal(signal.SIGKILL)
         owner.wait(timeout=30)
@@ -260,9 +278,11 @@ def test_kill_9_of_the_owner_leaves_no_runner_and_no_zygote(tmp_path):
             owner.kill()
 
 
-def test_the_zygote_ends_with_its_owner(tmp_path):
+@pytest.mark.parametrize("forked", [False, True], ids=["started", "forked"])
+def test_the_zygote_ends_with_its_owner(tmp_path, forked):
     directories = _prepare(tmp_path, "emt", {"Cu": bulk("Cu", cubic=True)})
-    owner = _start_owner(tmp_path, [*RUNNER, *map(str, directories)], timeout=120)
+    argv = [*RUNNER, *map(str, directories)]
+    owner = _start_owner(tmp_path, argv, timeout=120, forks=forked)
     owner.wait(timeout=120)
     output = (tmp_path / "owner.log").read_text()
     assert "returncode 0" in output, output
@@ -319,19 +339,45 @@ def test_a_command_starts_the_zygote_before_its_flow_run(monkeypatch):
     """``atomforge run`` and ``screen`` start the zygote of a batch engine as the flow run
     starts, with the environment its chunks will have (the flow's own start finds it);
     not for an engine without a runner, nor for chunks that go to another scheduler."""
-    from atomforge.flows import cli
+    from atomforge.flows.runner_start import start_runner
 
     monkeypatch.setenv("ATOMFORGE_WARM_RUNNERS", "true")
     warm_runner._ZYGOTES.forget()
-    cli.start_runner(make_parameters("xtb"))
+    start_runner(make_parameters("xtb"))
     assert _zygote_pid() is None
     params = make_parameters("tblite", kind="optimize")
     monkeypatch.setenv("ATOMFORGE_DASK_ADDRESS", "tcp://127.0.0.1:1")
-    cli.start_runner(params)
+    start_runner(params)
     assert _zygote_pid() is None
     monkeypatch.delenv("ATOMFORGE_DASK_ADDRESS")
-    cli.start_runner(params)
+    start_runner(params)
     zygote = _zygote_pid()
     assert zygote is not None
+    prepare_runner(get_engine("tblite"), params)  # what the flow does before its chunks
+    assert _zygote_pid() == zygote
+
+
+def test_a_request_child_starts_the_zygote_from_its_runs_parameters(monkeypatch):
+    """A request's child in the warm consumer starts the zygote from the run's parameters
+    as the API holds them (a ``simulate`` or ``screen`` form of a batch engine); a run
+    without a form, with an engine that has no runner, or with a form that does not
+    validate starts none."""
+    from atomforge.flows.runner_start import start_runner_of_run
+
+    monkeypatch.setenv("ATOMFORGE_WARM_RUNNERS", "true")
+    warm_runner._ZYGOTES.forget()
+    for parameters in (
+        {},
+        {"spec": {"steps": []}},
+        {"parameters": {"engine": "xtb"}},
+        {"parameters": {"engine": "tblite", "charge": "one"}},
+        {"parameters": {"engine": "no-such-engine"}},
+    ):
+        start_runner_of_run(parameters)
+        assert _zygote_pid() is None, parameters
+    start_runner_of_run({"source": {"path": "water.xyz"}, "parameters": {"engine": "tblite"}})
+    zygote = _zygote_pid()
+    assert zygote is not None
+    params = make_parameters("tblite")
     prepare_runner(get_engine("tblite"), params)  # what the flow does before its chunks
     assert _zygote_pid() == zygote
