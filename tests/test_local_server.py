@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from tests.conftest import ATOMFORGE, REPO, WATER_XYZ, run_atomforge
+from tests.conftest import ATOMFORGE, REPO, WATER_XYZ, run_atomforge, water_cluster_xyz
+from tests.test_cli_signals import wait_until
 
 
 @pytest.fixture
@@ -209,3 +212,32 @@ def test_server_prepare_builds_the_database_new_homes_start_from_and_leaves_no_s
         if "serve" in (process.info["cmdline"] or []):
             home = (process.info["environ"] or {}).get("ATOMFORGE_HOME", "")
             assert not home.startswith(throwaway), process
+
+
+def test_a_tblite_command_forks_its_runner_zygote_and_ctrl_c_stops_both(server_env, tmp_path):
+    """A command's child in the local server forks the runner zygote from itself (it has
+    ASE imported: no new Python); Ctrl-C of the command stops the runner and the zygote."""
+    cluster = tmp_path / "cluster.xyz"
+    cluster.write_text(water_cluster_xyz(4))  # 64 waters: minutes of optimization
+    command = subprocess.Popen(
+        [ATOMFORGE, "run", str(cluster), "--engine", "tblite", "--kind", "optimize"],
+        env=server_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        control = Path(server_env["ATOMFORGE_HOME"]) / "work" / ".control"
+        assert wait_until(lambda: any(control.glob("*/pids/*.json")), timeout=240)
+        pid = json.loads(next(control.glob("*/pids/*.json")).read_text())["pid"]
+        runner = psutil.Process(pid)
+        zygote = runner.parent()
+        assert zygote.parent().parent().pid == record(server_env)["pid"]
+        assert "atomforge.flows.local_server" in " ".join(zygote.cmdline())  # forked
+        command.send_signal(signal.SIGINT)
+        assert command.wait(timeout=60) == 130, command.stderr.read()
+        assert wait_until(lambda: not running(runner.pid) and not running(zygote.pid), 30)
+    finally:
+        if command.poll() is None:
+            command.kill()
