@@ -586,7 +586,7 @@ def consumer_env(settings: ServiceSettings) -> dict[str, str]:
     """Return the consumer's environment: the worker's, with ``OMP_NUM_THREADS=1`` unless
     it sets one. Its own numerical libraries then run one thread, as an ASE runner of
     one core does, so its request children may fork their runner zygote from themselves
-    (:func:`atomforge.engines.warm_runner.allow_forked_zygote`); each engine sets its
+    (:func:`atomforge.engines.warm_runner.prewarm`); each engine sets its
     own threads."""
     env = worker_env(settings)
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -15,7 +15,8 @@ knows it has structures to compute), with this process's environment and the chu
 environment gets a new zygote (the old one ends once its runners have). A warm process
 forked to run one flow (a request's child in the service's consumer, a command's child
 in the local server) may fork the zygote from itself instead (:func:`prewarm` with
-``fork``), which spares it Python's start and ASE's imports, about 0.9 s of CPU.
+``fork``), which spares it Python's start and ASE's imports, about 0.9 s of CPU; its
+runners then also inherit that process's logging and warnings set-up.
 Anything the zygote cannot do (``ATOMFORGE_WARM_RUNNERS=false``, another command, a
 failed import in the zygote, a zygote that died) falls back to the cold start.
 """
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Mapping
 
 from pydantic import Field
@@ -130,13 +132,19 @@ class WarmProcess:
             self.pidfd = None
 
 
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
-"""What OpenBLAS (NumPy's and SciPy's) reads for its threads, first set first, as it loads."""
+THREAD_VARIABLES = (
+    "OPENBLAS_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
+"""What numerical libraries (NumPy's and SciPy's OpenBLAS, OpenMP, MKL) read for their
+threads as they load."""
 
 
-def _blas_threads(env: Mapping[str, str]) -> str | None:
-    """Return the thread count OpenBLAS takes from ``env``, or None when none is set."""
-    return next((env[name] for name in BLAS_THREAD_VARIABLES if name in env), None)
+def _threads(env: Mapping[str, str]) -> tuple[str | None, ...]:
+    """Return the values of :data:`THREAD_VARIABLES` in ``env`` (None where unset)."""
+    return tuple(env.get(name) for name in THREAD_VARIABLES)
 
 
 class _Forked:
@@ -160,25 +168,31 @@ class _Forked:
 
 def _fork_zygote(control_fd: int, modules: dict[str, list[str]], env: dict[str, str]) -> _Forked:
     """Fork the zygote from this process: in a session of its own, with the default
-    handlers of the signals the zygote does not set, ``control_fd`` as its only
+    action for each signal its owner handled in Python, ``control_fd`` as its only
     descriptor besides ``/dev/null`` as its standard streams, and environment ``env``.
-    The objects it inherits are frozen (never collected), so none closes a descriptor
-    number the zygote has reused. Returns the forked zygote."""
-    pid = os.fork()
+    What it inherits is frozen, so the cyclic collector frees none of the owner's
+    objects (one holding a descriptor would close a number the zygote reuses); the
+    frames that hold the rest never return. Returns the forked zygote."""
+    with warnings.catch_warnings():  # Python 3.12+ warns of the owner's threads: vouched for
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid:
         return _Forked(pid)
     code = 1
     try:
         signal.set_wakeup_fd(-1)  # the owner's: its number is about to be closed or reused
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(signum, signal.SIG_DFL)
+        for signum in signal.valid_signals():
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
         gc.freeze()
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        os.closerange(3, control_fd)
-        os.closerange(control_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd > 2 and fd != control_fd:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         os.environ.clear()
         os.environ.update(env)
         code = zygote.main([str(control_fd), json.dumps(modules)])
@@ -277,8 +291,8 @@ class _Zygotes:
         self, env: dict[str, str], modules: dict[str, list[str]], fork: bool = False
     ) -> _Zygote:
         """Return a live zygote with environment ``env``, starting one if needed (with
-        ``fork``, forked from this process where ``env`` gives OpenBLAS, which this
-        process has loaded, the threads it has)."""
+        ``fork``, forked from this process where ``env`` gives the numerical libraries
+        it has loaded the threads it loaded them with, see :data:`THREAD_VARIABLES`)."""
         with self.lock:
             self.retired = [one for one in self.retired if one.alive()]
             current = self.current
@@ -287,24 +301,31 @@ class _Zygotes:
             if current is not None:
                 current.retire()
                 self.retired.append(current)
-            forked = fork and _blas_threads(env) == _LOADED_BLAS_THREADS
-            self.current = _Zygote(env, modules, forked)
+            forked = fork and _threads(env) == _LOADED_THREADS
+            try:
+                self.current = _Zygote(env, modules, forked)
+            except Exception:  # a fork refused: start it anew
+                if not forked:
+                    raise
+                self.current = _Zygote(env, modules, False)
             return self.current
 
 
 _ZYGOTES = _Zygotes()
-_LOADED_BLAS_THREADS = _blas_threads(os.environ)
-"""The OpenBLAS threads of this process's environment as it started (when it loaded)."""
+_LOADED_THREADS = _threads(os.environ)
+"""The thread variables of this process's environment as it started (its libraries
+loaded with them)."""
 
 
 def prewarm(argv: list[str], env: dict[str, str], engine: str, fork: bool = False) -> None:
     """Start the zygote that the runner ``argv`` with environment ``env`` (complete) is
     to be forked from, unless warm runners are off, ``argv`` is another command, or that
     zygote runs already, and have it import ``engine``'s calculator modules: its imports
-    then overlap what a run does before its first chunk. With ``fork`` (the caller's
-    threads hold no lock: its only thread, or threads blocked reading a socket), the
-    zygote is forked from this process unless ``env`` gives OpenBLAS other threads than
-    this process loaded it with. A zygote that cannot start is left to
+    then overlap what a run does before its first chunk. With ``fork`` (the caller, on
+    its main thread, vouches that its other threads hold no lock: it has none, or they
+    wait reading a socket), the zygote is forked from this process unless ``env`` gives
+    the numerical libraries other threads than this process loaded them with
+    (:data:`THREAD_VARIABLES`). A zygote that cannot start is left to
     :func:`start_warm` to find."""
     if runner_args(argv) is not None and (one := _zygote(env, fork)):
         one.warm(engine)

@@ -3,8 +3,9 @@ chunk's runner from itself, so a chunk no longer pays Python's, ASE's and its
 calculator's imports.
 
 ``python -m atomforge.engines.zygote FD`` is started by :mod:`atomforge.engines.warm_runner`
-(one per process that runs engines, with that process's environment) with one end of a
-Unix socket pair as ``FD``: its control socket. It imports :data:`RUNNER_MODULE`, then
+(one per process that runs engines, with that process's environment; or forked from a
+warm process that runs one flow, calling :func:`main` itself) with one end of a Unix
+socket pair as ``FD``: its control socket. It imports :data:`RUNNER_MODULE`, then
 serves requests sent with :func:`~atomforge.deployments.warm_client.send_request`: JSON
 ``{"args", "cwd", "env"}`` carrying two descriptors, the request's own socket and the log
 file. Before the first chunk of an engine it imports that engine's calculator modules

@@ -441,9 +441,9 @@ def in_command_child() -> bool:
 
 def _child(conn: socket.socket, request: dict, fds: list[int], api_url: str) -> None:
     """Run one command in this forked process as its caller would have; never returns."""
-    import_module(__spec__.name)._command_child = True  # this file also runs as __main__
     code = 1
     try:
+        import_module(__spec__.name)._command_child = True  # this file also runs as __main__
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setpgid(0, 0)
         send_line(conn, {"pid": os.getpid()})

@@ -1,13 +1,18 @@
 """Start a batch engine's warm runner zygote as a run begins, before its flow plans.
 
 The zygote (:mod:`atomforge.engines.warm_runner`) imports ASE's runner and the engine's
-calculator, about 0.6 s. Started where the flow run starts (``atomforge run`` and
-``screen``, a request's child in the warm consumer), those imports overlap the run's
-creation and its first steps; the flow's own start before its first chunk then finds it.
+calculator, about 0.9 s of CPU. Started where the flow run starts (``atomforge run``,
+``screen`` and ``workflow``'s first step, a request's child in the warm consumer), those
+imports overlap the run's creation and its first steps, and in a warm process forked for
+the run (the local server's command child, the consumer's request child) the zygote is
+forked from it, with ASE imported already. The flow's own start before its first chunk
+then finds it. This only saves time: a failure here is printed and left to the run,
+which meets it again and reports it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,8 +31,11 @@ def start_runner(params: CalculationParameters, fork: bool = False) -> None:
     from atomforge.flows.scheduling.dask_runner import runs_chunks_here
     from atomforge.flows.settings import get_settings
 
-    if runs_chunks_here(get_settings()):
-        prepare_runner(get_engine(params.engine), params, fork)
+    try:
+        if runs_chunks_here(get_settings()):
+            prepare_runner(get_engine(params.engine), params, fork)
+    except Exception as exc:  # the run meets it again and reports it
+        print(f"runner not started ahead: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def start_runner_of_run(flow_parameters: Mapping[str, Any], fork: bool = False) -> None:

@@ -381,3 +381,20 @@ def test_a_request_child_starts_the_zygote_from_its_runs_parameters(monkeypatch)
     params = make_parameters("tblite")
     prepare_runner(get_engine("tblite"), params)  # what the flow does before its chunks
     assert _zygote_pid() == zygote
+
+
+def test_a_zygote_is_forked_only_with_the_threads_its_owner_loaded_with(monkeypatch):
+    """Asked to fork its zygote, a process starts it anew instead when the chunk's
+    environment gives the numerical libraries other threads than it loaded them with."""
+    from atomforge.engines.process import engine_environment
+
+    monkeypatch.setenv("ATOMFORGE_WARM_RUNNERS", "true")
+    warm_runner._ZYGOTES.forget()
+    command = get_engine("tblite").command(make_parameters("tblite"), [])
+    env = engine_environment(command.env) | {"OMP_NUM_THREADS": "7", "MKL_NUM_THREADS": "7"}
+    assert warm_runner._threads(env) != warm_runner._LOADED_THREADS
+    warm_runner.prewarm(command.argv, env, "tblite", fork=True)
+    zygote = _zygote_pid()
+    assert zygote is not None
+    assert "atomforge.engines.zygote" in " ".join(psutil.Process(zygote).cmdline())
+    warm_runner._ZYGOTES.forget()
