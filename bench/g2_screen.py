@@ -189,7 +189,7 @@ def main() -> None:
 
     from atomforge.engines.structures import to_extxyz
     from atomforge.flows import embedded_server
-    from atomforge.flows.cli import EMBEDDED_PREFECT_DEFAULTS
+    from atomforge.flows.cli import set_embedded_prefect_defaults
     from atomforge.flows.models import StructureSource, make_parameters
     from atomforge.flows.screen import screen
     from atomforge.flows.simulate import simulate
@@ -207,8 +207,7 @@ def main() -> None:
         bare_times, forge_times = whole_processes(folder, args.engine, args.workers, args.repeat)
         bare_done = forge_done = "fresh processes"
     else:
-        for name, value in EMBEDDED_PREFECT_DEFAULTS.items():  # as the command sets them
-            os.environ.setdefault(name, value)
+        set_embedded_prefect_defaults()  # as the command sets them
         embedded_server.start()  # as `atomforge screen` with ATOMFORGE_LOCAL_SERVER=false
         asyncio.run(simulate(StructureSource(text=to_extxyz(g2["H2O"])), params))  # warm-up
         bare_times, forge_times, bare_cpu, forge_cpu = [], [], [], []

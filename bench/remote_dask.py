@@ -91,10 +91,9 @@ def main() -> None:
     home.mkdir(parents=True, exist_ok=True)
 
     from atomforge.flows import embedded_server
-    from atomforge.flows.cli import EMBEDDED_PREFECT_DEFAULTS
+    from atomforge.flows.cli import set_embedded_prefect_defaults
 
-    for name, value in EMBEDDED_PREFECT_DEFAULTS.items():  # as the command sets them
-        os.environ.setdefault(name, value)
+    set_embedded_prefect_defaults()  # as the command sets them
     embedded_server.start()  # one API for the flow and every worker process
     molecules = rattled_copies(closed_shell_g2(), args.copies)
     folder = Path(tempfile.mkdtemp(prefix="g2-", dir=home))

@@ -38,6 +38,15 @@ EMBEDDED_PREFECT_DEFAULTS = {
 """Prefect settings the command sets unless the environment does: no telemetry (its
 heartbeat fails on a busy embedded database, or without a network, with a traceback),
 and time for the embedded API to start on a loaded machine (Prefect's default is 20 s)."""
+
+
+def set_embedded_prefect_defaults() -> None:
+    """Set :data:`EMBEDDED_PREFECT_DEFAULTS` in this process's environment where it sets
+    none of them. Returns None."""
+    for name, value in EMBEDDED_PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 COMMAND_INPUT_ROOTS = '["/"]'
 """The command reads whatever structure file its user names (it runs as that user); the
 input roots guard the runs that deployments and the inbox start."""
@@ -716,8 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     it uses.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name, value in EMBEDDED_PREFECT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    set_embedded_prefect_defaults()
     if sys.stderr.isatty():
         os.environ.setdefault("ATOMFORGE_TERMINAL_PROGRESS", "true")
     os.environ.setdefault("ATOMFORGE_INPUT_ROOTS", COMMAND_INPUT_ROOTS)

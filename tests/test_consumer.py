@@ -18,7 +18,6 @@ from tests.conftest import WATER_XYZ, water_cluster_xyz
 from tests.prefect_server import (
     api_get,
     api_post,
-    create_deployment_run,
     prefect_cli,
     running_service,
     service,
@@ -88,12 +87,6 @@ def test_a_deployment_run_runs_in_a_child_of_the_consumer(stack, tmp_path):
     assert wait_until(lambda: not any(runs_dir.iterdir()), timeout=30)
 
 
-def _tblite(env: dict[str, str], structure: Path, kind: str) -> str:
-    parameters = {"engine": "tblite", "kind": kind}
-    body = {"source": {"path": str(structure)}, "parameters": parameters}
-    return create_deployment_run(env, "simulate/simulate", parameters=body)
-
-
 def test_a_tblite_run_forks_its_runner_zygote_from_its_child(stack, tmp_path):
     """A child of the consumer forks the runner zygote from itself (no new Python, no
     imports): water computes the GFN2 reference, and a cancelled run of 64 waters stops
@@ -101,13 +94,13 @@ def test_a_tblite_run_forks_its_runner_zygote_from_its_child(stack, tmp_path):
     env, home, service_dir = stack
     structure = tmp_path / "water.xyz"
     structure.write_text(WATER_XYZ)
-    water = _tblite(env, structure, "optimize")
+    water = _simulate(env, structure, engine="tblite")
     assert wait_final(env, water)["type"] == "COMPLETED"
     # GFN2-xTB optimized water: xtb 6.5.1 and tblite 0.8.0 (tests/test_reference_numbers.py)
     assert _result(home, water)["energy_hartree"] == pytest.approx(-5.070544, abs=2e-6)
     cluster = tmp_path / "cluster.xyz"
     cluster.write_text(water_cluster_xyz(4))
-    flow_run_id = _tblite(env, cluster, "optimize")
+    flow_run_id = _simulate(env, cluster, engine="tblite")
     pid_dir = home / "work" / ".control" / flow_run_id / "pids"
     assert wait_until(lambda: any(pid_dir.glob("*.json")), timeout=180)
     runner = psutil.Process(json.loads(next(pid_dir.glob("*.json")).read_text())["pid"])

@@ -47,8 +47,8 @@ def _result(home: Path, flow_run_id: str) -> dict:
     return json.loads(document.read_text())
 
 
-def _simulate(env: dict[str, str], structure: Path, **body) -> str:
-    parameters = {"source": {"path": str(structure)}, "parameters": {"engine": "xtb"}}
+def _simulate(env: dict[str, str], structure: Path, engine: str = "xtb", **body) -> str:
+    parameters = {"source": {"path": str(structure)}, "parameters": {"engine": engine}}
     return create_deployment_run(env, "simulate/simulate", parameters=parameters, **body)
 
 
