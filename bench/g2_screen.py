@@ -6,7 +6,8 @@ Prefect API the ``atomforge`` command starts, local Dask cluster) and through a 
 wall times, their ratio and the overhead per structure, as medians over ``--repeat``
 alternating rounds, and where the CPU time of a round went: in the bare pool (this
 process, its workers and their engines) and in atomforge (the flow's process, the engines
-and runners it started, the Prefect server). Run:
+and runners it started, the Prefect server), with the lowest ratio that CPU allows (all
+of it spread over every core of the machine, kept busy throughout). Run:
 ``.venv/bin/python bench/g2_screen.py [--engine xtb|tblite] [--limit N] [--copies N]
 [--repeat R]`` (``--copies 10``: the 1,190-structure case).
 
@@ -237,12 +238,16 @@ def main() -> None:
     print(f"ratio atomforge / bare:    {forge_seconds / bare_seconds:8.2f}")
     print(f"overhead per structure:    {(forge_seconds - bare_seconds) / n * 1000:8.1f} ms")
     if not args.whole_process:
-        print_cpu(median_cpu(bare_cpu), median_cpu(forge_cpu), args.workers)
+        print_cpu(median_cpu(bare_cpu), median_cpu(forge_cpu), args.workers, bare_seconds)
 
 
-def print_cpu(bare: dict[str, float], forge: dict[str, float], workers: int) -> None:
-    """Print the median CPU seconds of a round of each way, by where they were spent, and
-    the wall time that atomforge's extra CPU would take on ``workers`` busy cores."""
+def print_cpu(
+    bare: dict[str, float], forge: dict[str, float], workers: int, bare_seconds: float
+) -> None:
+    """Print the median CPU seconds of a round of each way, by where they were spent, the
+    wall time that atomforge's extra CPU would take on ``workers`` busy cores, and the
+    lowest ratio atomforge's CPU allows: all of it on all the machine's cores, kept busy
+    throughout, against the bare pool's ``bare_seconds``."""
     bare_total, forge_total = sum(bare.values()), sum(forge.values())
     print(
         f"CPU a round, bare pool:    {bare_total:8.2f} s (this process {bare['process']:.2f}, "
@@ -254,6 +259,11 @@ def print_cpu(bare: dict[str, float], forge: dict[str, float], workers: int) -> 
     )
     extra = forge_total - bare_total
     print(f"extra CPU / {workers} workers:    {extra / workers:8.2f} s")
+    cores = os.cpu_count() or 1
+    print(
+        f"lowest ratio this CPU allows: {forge_total / cores / bare_seconds:6.2f} "
+        f"(atomforge's CPU spread over all {cores} cores)"
+    )
 
 
 if __name__ == "__main__":

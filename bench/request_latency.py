@@ -15,6 +15,10 @@ used:
   first submission to the last completion), p50, p95 and the slowest, runs not Completed,
   and the most xtb processes (and flow-run processes) seen at once.
 
+Each measurement also prints the CPU seconds a request cost: the service's, by process,
+and the whole machine's (every process: the service, its engines, this benchmark's
+client), with the most requests a second the machine's cores allow at that cost.
+
 Each is measured with the runs the warm consumer takes (no job variables: the default)
 and, in the same run (``--launchers``), with runs the worker starts through a ``command``
 job variable of their own: the warm executor's client (the worker's path before the
@@ -206,14 +210,39 @@ def cpu_per_request(before: dict[str, float], after: dict[str, float], n: int) -
     return {part: (after[part] - before[part]) / n for part in before}
 
 
+def machine_busy() -> float:
+    """Return the CPU seconds the whole machine has been busy so far, all cores and every
+    process together (the service, its engines, this benchmark's own client)."""
+    times = psutil.cpu_times()
+    return times.user + times.nice + times.system + times.irq + times.softirq + times.steal
+
+
+class Meter:
+    """What one measurement costs from its start: the service's CPU by part, the whole
+    machine's busy CPU, and the most xtb processes seen at once."""
+
+    def __init__(self, service_dir: Path) -> None:
+        self.service_dir = service_dir
+        self.cpu = service_cpu(service_dir)
+        self.busy = machine_busy()
+        self.peak = ProcessPeak(service_dir.parent / "atomforge")
+
+    def phase(self, requests: list[Request]) -> Phase:
+        """Return the measurement of ``requests``, ended now."""
+        n = len(requests)
+        parts = cpu_per_request(self.cpu, service_cpu(self.service_dir), n)
+        return Phase(requests, self.peak.xtb, parts, (machine_busy() - self.busy) / n)
+
+
 @dataclass
 class Phase:
-    """The requests of one measurement, the most xtb processes seen, and the service's
-    CPU seconds per request."""
+    """The requests of one measurement, the most xtb processes seen, the service's CPU
+    seconds per request by part, and the whole machine's."""
 
     requests: list[Request]
     xtb: int
     parts: dict[str, float]
+    machine: float
 
     @property
     def cpu(self) -> float:
@@ -221,9 +250,15 @@ class Phase:
         return sum(self.parts.values())
 
     def cpu_line(self, name: str) -> str:
-        """Return the CPU per request of each part of the service, as a line."""
+        """Return the CPU per request of each part of the service, and of the machine with
+        the rate its cores allow at that cost, as a line."""
         parts = ", ".join(f"{part} {seconds:.2f}" for part, seconds in self.parts.items())
-        return f"  {name}: CPU s per request: {parts}"
+        cores = os.cpu_count() or 1
+        ceiling = f"{cores / self.machine:.1f}/s" if self.machine > 0 else "-"
+        return (
+            f"  {name}: CPU s per request: {parts}; the whole machine {self.machine:.2f} "
+            f"(at most {ceiling} on {cores} cores)"
+        )
 
 
 async def _submit(
@@ -272,22 +307,22 @@ def _seconds(stamp: datetime) -> float:
 async def sequential(client, job_variables: dict, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests one after the other, each once the last is final."""
     done = []
-    cpu = service_cpu(service_dir)
-    with ProcessPeak(service_dir.parent / "atomforge") as peak:
+    meter = Meter(service_dir)
+    with meter.peak:
         for _ in range(n):
             request = await _submit(client, job_variables, engine)
             await _settle(client, [request], poll=0.1)
             done.append(request)
-    return Phase(done, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
+    return meter.phase(done)
 
 
 async def burst(client, job_variables: dict, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests at once and wait for all of them."""
-    cpu = service_cpu(service_dir)
-    with ProcessPeak(service_dir.parent / "atomforge") as peak:
+    meter = Meter(service_dir)
+    with meter.peak:
         requests = await asyncio.gather(*(_submit(client, job_variables, engine) for _ in range(n)))
         await _settle(client, list(requests), poll=0.25)
-    return Phase(list(requests), peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
+    return meter.phase(list(requests))
 
 
 async def _settle_quietly(client, requests: list[Request], poll: float = 1.0) -> None:
@@ -320,24 +355,24 @@ async def _settle_quietly(client, requests: list[Request], poll: float = 1.0) ->
 
 async def batched_burst(client, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests of the batched deployment at once and wait for all."""
-    cpu = service_cpu(service_dir)
-    with ProcessPeak(service_dir.parent / "atomforge") as peak:
+    meter = Meter(service_dir)
+    with meter.peak:
         submit = (_submit(client, {}, engine, BATCHED) for _ in range(n))
         requests = list(await asyncio.gather(*submit))
         await _settle_quietly(client, requests)
-    return Phase(requests, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
+    return meter.phase(requests)
 
 
 async def batched_sequential(client, n: int, service_dir: Path, engine: str) -> Phase:
     """Submit ``n`` requests of the batched deployment one after the other."""
     done = []
-    cpu = service_cpu(service_dir)
-    with ProcessPeak(service_dir.parent / "atomforge") as peak:
+    meter = Meter(service_dir)
+    with meter.peak:
         for _ in range(n):
             request = await _submit(client, {}, engine, BATCHED)
             await _settle_quietly(client, [request], poll=0.2)
             done.append(request)
-    return Phase(done, peak.xtb, cpu_per_request(cpu, service_cpu(service_dir), n))
+    return meter.phase(done)
 
 
 def report_batched(burst_phase: Phase | None, one_phase: Phase | None) -> None:
