@@ -123,6 +123,7 @@ class Batcher:
             json={"limit": room, "scheduled_before": now},
         )
         found = RESPONSES.validate_python(response.json())
+        self.wakeups.found(str(item.flow_run.id) for item in found)
         if not found:
             return
         began = time.time()

@@ -205,8 +205,10 @@ class Consumer:
         body = {"limit": self.room(), "scheduled_before": now}
         found = self.client.post(f"/work_pools/{POOL}/get_scheduled_flow_runs", json=body)
         found.raise_for_status()
+        items = found.json()
+        self.wakeups.found(item["flow_run"]["id"] for item in items)
         running = {child.run_id for child in self.children.values()}
-        for item in found.json():
+        for item in items:
             run = item["flow_run"]
             if run["id"] in running:  # resumed before its child stopped: taken once it has
                 continue

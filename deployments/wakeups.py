@@ -6,10 +6,12 @@ was due: ten calls a second, about a tenth of a core of the server's CPU while n
 happens, and a request waited half a poll on average. With :class:`ScheduledRuns` each
 subscribes to the server's stream of flow-run events (the ``/api/events/out`` websocket,
 only runs that enter a Scheduled-type state: Scheduled, AwaitingRetry, Late, Resuming)
-and asks at once when one of its pool's comes. It keeps asking every 0.2 s for
-:data:`ALERT_SECONDS` after (the server sends the event from inside its transaction, so
-the run may not be visible for a moment, and a burst brings more), and otherwise every
-``idle_poll_seconds`` (a run of a schedule becomes due without an event). With
+and asks at once when one of its pool's comes. It keeps asking every 0.2 s after (the
+server sends the event from inside its transaction, so the run may not be visible for a
+moment), until its polls have found each run announced (:meth:`found`), for at most
+:data:`ALERT_SECONDS`; otherwise every ``idle_poll_seconds`` (a run of a
+schedule becomes due without an event). Each of those asks costs the server about 10 ms
+of CPU: a request that kept the consumer asking for the whole window cost it ten. With
 ``ends=True`` (the consumer) a run of the pool that ended also counts once: its slot
 under the pool's limit may go to a run that waits. While the stream is down (the
 server restarting) it polls as before and reconnects every :data:`RECONNECT_SECONDS`.
@@ -26,6 +28,7 @@ import json
 import select
 import socket
 import time
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from websockets.client import ClientProtocol
@@ -66,6 +69,8 @@ class ScheduledRuns:
         self.protocol: ClientProtocol | None = None
         self.tried_at = -RECONNECT_SECONDS
         self.heard_at = -ALERT_SECONDS
+        self.unseen: set[str] = set()
+        self.told_all = True
         self.polled_at = -idle_poll_seconds
         self.said_down = False
 
@@ -88,8 +93,8 @@ class ScheduledRuns:
     def connect(self) -> bool:
         """Subscribe, unless subscribed or the last try was less than
         :data:`RECONNECT_SECONDS` ago; return whether it is subscribed. A fresh
-        subscription counts as a word from the server (runs scheduled meanwhile were not
-        announced)."""
+        subscription counts as a word from the server of runs it does not name (those
+        scheduled meanwhile were not announced): its polls go on for the whole window."""
         if not self.may_connect:
             return self.connected
         now = self.tried_at = time.monotonic()
@@ -104,6 +109,7 @@ class ScheduledRuns:
         print(f"listening to the server's scheduled runs of pool {self.pool}", flush=True)
         self.said_down = False
         self.heard_at = now
+        self.told_all = False
         return True
 
     def _open(self) -> None:
@@ -205,6 +211,7 @@ class ScheduledRuns:
         )
         if of_pool and event["resource"].get("prefect.state-type") == WAITING:
             self.heard_at = time.monotonic()
+            self.unseen.add(event["resource"]["prefect.resource.id"].rpartition(".")[2])
         elif of_pool:
             self.ended = True
         return of_pool
@@ -220,17 +227,29 @@ class ScheduledRuns:
         if waiting.poll(seconds * 1000):
             self.read()
 
+    def found(self, run_ids: Iterable[str]) -> None:
+        """Note the runs (by id) a poll found due. Once it has found every run announced,
+        the polls that followed the announcements stop; a run not due yet, or taken by
+        another poller first, keeps them going for the rest of the window."""
+        self.unseen.difference_update(run_ids)
+        if not self.unseen and self.told_all:
+            self.heard_at = -ALERT_SECONDS
+
     def poll_due(self, also: bool = False) -> bool:
         """Return whether to ask the server for due runs now (and count it as asked):
         when ``also``, without a subscription, within :data:`ALERT_SECONDS` of a run of
-        the pool announced, once after a run of the pool ended (with ``ends``), and every
-        ``idle_poll_seconds`` otherwise."""
+        the pool announced and not yet :meth:`found`, once after a run of the pool ended
+        (with ``ends``), and every ``idle_poll_seconds`` otherwise."""
         now = time.monotonic()
+        alerted = now - self.heard_at < ALERT_SECONDS
+        if not alerted:
+            self.unseen.clear()
+            self.told_all = True
         due = (
             also
             or self.ended
             or not self.connected
-            or now - self.heard_at < ALERT_SECONDS
+            or alerted
             or now - self.polled_at >= self.idle_poll_seconds
         )
         if due:

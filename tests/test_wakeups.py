@@ -1,8 +1,8 @@
 """The service's pollers hear the Prefect server announce scheduled runs: a subscriber of
 a pool wakes for that pool's runs only (a real ``prefect server start``, its events
-websocket), asks the server at once and for a while after, once when a run of its pool
-ended, then seldom; without the server's stream it polls every round, as it did before
-it listened."""
+websocket), asks the server at once and for a while after, until its polls found the
+runs announced, once when a run of its pool ended, then seldom; without the server's
+stream it polls every round, as it did before it listened."""
 
 from __future__ import annotations
 
@@ -72,6 +72,32 @@ def test_a_scheduled_run_wakes_the_subscriber_of_its_pool_and_not_another(server
     assert of_a.poll_due() and not of_a.poll_due()  # a run that ended: one poll
     of_a.close()
     of_b.close()
+
+
+def test_the_polls_after_announcements_stop_once_the_announced_runs_are_found(server):
+    deployment = _deployment_in(server, "pool-c")
+    subscriber = ScheduledRuns(server["PREFECT_API_URL"], "", "pool-c", idle_poll_seconds=3600)
+    assert subscriber.connect()
+    assert subscriber.poll_due()
+    subscriber.found([])
+    assert subscriber.poll_due()  # a fresh subscription's window: runs it was not told of
+    time.sleep(ALERT_SECONDS)
+    assert not subscriber.poll_due()
+
+    runs = [
+        api_post(server, f"/deployments/{deployment}/create_flow_run", {})["id"] for _ in range(2)
+    ]
+    deadline = time.monotonic() + 30
+    while len(subscriber.unseen) < 2 and time.monotonic() < deadline:
+        subscriber.wait(0.2)
+    assert subscriber.unseen == set(runs)
+    subscriber.found([])  # not visible yet
+    assert subscriber.poll_due()
+    subscriber.found([runs[0], "a run of the pool it was not told of"])
+    assert subscriber.poll_due()  # one announced run is still unseen
+    subscriber.found([runs[1]])
+    assert not subscriber.poll_due()  # both found: no more asks until the idle poll
+    subscriber.close()
 
 
 def test_a_stream_lost_with_its_server_means_polling_every_round(tmp_path):
