@@ -123,13 +123,13 @@ class Batcher:
             json={"limit": room, "scheduled_before": now},
         )
         found = RESPONSES.validate_python(response.json())
-        self.wakeups.found(str(item.flow_run.id) for item in found)
         if not found:
             return
         began = time.time()
         candidates = [Request(run=item.flow_run, claimed_at=began) for item in found]
         claim = Pending(message=f"claimed by {self.ctx.owner}")
         ended = await propose_many(self.ctx, candidates, claim)
+        self.wakeups.found(r.id for r in candidates)
         self.claimed += [r for r in candidates if ended.get(r.id) is StateType.PENDING]
 
     def due(self) -> bool:

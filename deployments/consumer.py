@@ -205,19 +205,23 @@ class Consumer:
         body = {"limit": self.room(), "scheduled_before": now}
         found = self.client.post(f"/work_pools/{POOL}/get_scheduled_flow_runs", json=body)
         found.raise_for_status()
-        items = found.json()
-        self.wakeups.found(item["flow_run"]["id"] for item in items)
         running = {child.run_id for child in self.children.values()}
-        for item in items:
-            run = item["flow_run"]
-            if run["id"] in running:  # resumed before its child stopped: taken once it has
-                continue
-            flow = self.flow_for(run)
-            if flow is None:
-                continue
-            state = self.claim(run)
-            if state is not None:
-                self.start(run | {"state": state}, flow)
+        for item in found.json():
+            self.take(item["flow_run"], running)
+            self.wakeups.found([item["flow_run"]["id"]])
+
+    def take(self, run: dict, running: set[str]) -> None:
+        """Claim the due ``run`` and start its child, unless the worker should run it, or
+        its earlier child still runs (resumed before that child stopped: taken once it
+        has; ``running`` holds the runs of the children)."""
+        if run["id"] in running:
+            return
+        flow = self.flow_for(run)
+        if flow is None:
+            return
+        state = self.claim(run)
+        if state is not None:
+            self.start(run | {"state": state}, flow)
 
     def start(self, run: dict, flow: Flow) -> None:
         """Fork the child that runs ``run``; in the child, run it and exit."""

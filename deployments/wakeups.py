@@ -9,8 +9,8 @@ only runs that enter a Scheduled-type state: Scheduled, AwaitingRetry, Late, Res
 and asks at once when one of its pool's comes. It keeps asking every 0.2 s after (the
 server sends the event from inside its transaction, so the run may not be visible for a
 moment), until its polls have found each run announced (:meth:`found`), for at most
-:data:`ALERT_SECONDS`; otherwise every ``idle_poll_seconds`` (a run of a
-schedule becomes due without an event). Each of those asks costs the server about 10 ms
+:data:`ALERT_SECONDS`; otherwise every ``idle_poll_seconds`` (a run of a schedule becomes
+due without an event). Each of those asks costs the server about 10 ms
 of CPU: a request that kept the consumer asking for the whole window cost it ten. With
 ``ends=True`` (the consumer) a run of the pool that ended also counts once: its slot
 under the pool's limit may go to a run that waits. While the stream is down (the
@@ -69,8 +69,9 @@ class ScheduledRuns:
         self.protocol: ClientProtocol | None = None
         self.tried_at = -RECONNECT_SECONDS
         self.heard_at = -ALERT_SECONDS
-        self.unseen: set[str] = set()
-        self.told_all = True
+        self.unseen: dict[str, float] = {}
+        self.found_at: dict[str, float] = {}
+        self.blind_until = -ALERT_SECONDS
         self.polled_at = -idle_poll_seconds
         self.said_down = False
 
@@ -109,7 +110,7 @@ class ScheduledRuns:
         print(f"listening to the server's scheduled runs of pool {self.pool}", flush=True)
         self.said_down = False
         self.heard_at = now
-        self.told_all = False
+        self.blind_until = now + ALERT_SECONDS
         return True
 
     def _open(self) -> None:
@@ -199,11 +200,13 @@ class ScheduledRuns:
             print(f"event stream lost ({type(exc).__name__}: {exc}): polling", flush=True)
             self.close()
             return True
+        self._forget(time.monotonic())
         return heard
 
     def _hear(self, event: dict) -> bool:
-        """Note ``event`` if it is of a run of the pool: one scheduled starts
-        :data:`ALERT_SECONDS` of polls, one ended makes one poll; return whether it was."""
+        """Note ``event`` if it is of a run of the pool: one scheduled starts polls until
+        it is :meth:`found` (at most :data:`ALERT_SECONDS`), one ended makes one poll;
+        return whether it was."""
         of_pool = any(
             related.get("prefect.resource.role") == "work-pool"
             and related.get("prefect.resource.name") == self.pool
@@ -211,7 +214,9 @@ class ScheduledRuns:
         )
         if of_pool and event["resource"].get("prefect.state-type") == WAITING:
             self.heard_at = time.monotonic()
-            self.unseen.add(event["resource"]["prefect.resource.id"].rpartition(".")[2])
+            run_id = event["resource"]["prefect.resource.id"].rpartition(".")[2]
+            if run_id not in self.found_at:  # else told after a poll found it
+                self.unseen[run_id] = self.heard_at
         elif of_pool:
             self.ended = True
         return of_pool
@@ -228,23 +233,31 @@ class ScheduledRuns:
             self.read()
 
     def found(self, run_ids: Iterable[str]) -> None:
-        """Note the runs (by id) a poll found due. Once it has found every run announced,
-        the polls that followed the announcements stop; a run not due yet, or taken by
-        another poller first, keeps them going for the rest of the window."""
-        self.unseen.difference_update(run_ids)
-        if not self.unseen and self.told_all:
-            self.heard_at = -ALERT_SECONDS
+        """Note the runs (by id) a poll found due and dealt with. Once every run announced
+        in the last :data:`ALERT_SECONDS` is found, the polls that followed the
+        announcements stop; one not due yet, or taken by another poller first, keeps
+        them going until :data:`ALERT_SECONDS` after it was announced. An announcement
+        heard within :data:`ALERT_SECONDS` after its run was found is ignored."""
+        now = time.monotonic()
+        for run_id in run_ids:
+            self.unseen.pop(run_id, None)
+            self.found_at[run_id] = now
+
+    def _forget(self, now: float) -> None:
+        """Forget the announcements and finds older than :data:`ALERT_SECONDS`."""
+        horizon = now - ALERT_SECONDS
+        self.unseen = {run_id: at for run_id, at in self.unseen.items() if at > horizon}
+        self.found_at = {run_id: at for run_id, at in self.found_at.items() if at > horizon}
 
     def poll_due(self, also: bool = False) -> bool:
         """Return whether to ask the server for due runs now (and count it as asked):
         when ``also``, without a subscription, within :data:`ALERT_SECONDS` of a run of
-        the pool announced and not yet :meth:`found`, once after a run of the pool ended
-        (with ``ends``), and every ``idle_poll_seconds`` otherwise."""
+        the pool announced and not yet :meth:`found` (or of a fresh subscription), once
+        after a run of the pool ended (with ``ends``), and every ``idle_poll_seconds``
+        otherwise."""
         now = time.monotonic()
-        alerted = now - self.heard_at < ALERT_SECONDS
-        if not alerted:
-            self.unseen.clear()
-            self.told_all = True
+        self._forget(now)
+        alerted = bool(self.unseen) or now < self.blind_until
         due = (
             also
             or self.ended

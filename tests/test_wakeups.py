@@ -9,8 +9,11 @@ from __future__ import annotations
 import time
 from uuid import uuid4
 
+import httpx
 import pytest
 
+from atomforge.deployments.consumer import Consumer
+from atomforge.deployments.service import ServiceSettings
 from atomforge.deployments.wakeups import ALERT_SECONDS, ScheduledRuns
 from tests.prefect_server import api_post, free_port, server_env, start_server, stop
 
@@ -74,6 +77,14 @@ def test_a_scheduled_run_wakes_the_subscriber_of_its_pool_and_not_another(server
     of_b.close()
 
 
+def _heard(subscriber: ScheduledRuns, run_id: str) -> float:
+    """Return when ``subscriber`` heard ``run_id`` announced, waiting up to 30 s."""
+    deadline = time.monotonic() + 30
+    while run_id not in subscriber.unseen and time.monotonic() < deadline:
+        subscriber.wait(0.2)
+    return subscriber.unseen[run_id]
+
+
 def test_the_polls_after_announcements_stop_once_the_announced_runs_are_found(server):
     deployment = _deployment_in(server, "pool-c")
     subscriber = ScheduledRuns(server["PREFECT_API_URL"], "", "pool-c", idle_poll_seconds=3600)
@@ -84,20 +95,57 @@ def test_the_polls_after_announcements_stop_once_the_announced_runs_are_found(se
     time.sleep(ALERT_SECONDS)
     assert not subscriber.poll_due()
 
-    runs = [
-        api_post(server, f"/deployments/{deployment}/create_flow_run", {})["id"] for _ in range(2)
-    ]
-    deadline = time.monotonic() + 30
-    while len(subscriber.unseen) < 2 and time.monotonic() < deadline:
-        subscriber.wait(0.2)
-    assert subscriber.unseen == set(runs)
+    create = f"/deployments/{deployment}/create_flow_run"
+    runs = [api_post(server, create, {})["id"] for _ in range(2)]
+    for run_id in runs:
+        _heard(subscriber, run_id)
     subscriber.found([])  # not visible yet
     assert subscriber.poll_due()
     subscriber.found([runs[0], "a run of the pool it was not told of"])
     assert subscriber.poll_due()  # one announced run is still unseen
     subscriber.found([runs[1]])
     assert not subscriber.poll_due()  # both found: no more asks until the idle poll
+
+    early = api_post(server, create, {})["id"]
+    subscriber.found([early])  # found by a poll before its announcement is read
+    heard_before = subscriber.heard_at
+    deadline = time.monotonic() + 30
+    while subscriber.heard_at == heard_before and time.monotonic() < deadline:
+        subscriber.wait(0.2)
+    assert subscriber.heard_at > heard_before and not subscriber.unseen
+    assert not subscriber.poll_due()
+
+    never = api_post(server, create, {})["id"]  # taken by another poller, say
+    heard = _heard(subscriber, never)
+    time.sleep(ALERT_SECONDS / 2)
+    later = api_post(server, create, {})["id"]
+    _heard(subscriber, later)
+    time.sleep(max(0.0, heard + ALERT_SECONDS - time.monotonic()) + 0.05)
+    assert subscriber.poll_due()  # the later one is still unseen
+    assert list(subscriber.unseen) == [later]  # the other was forgotten after its window
     subscriber.close()
+
+
+def test_the_consumer_polls_until_it_found_the_runs_announced(server, tmp_path):
+    pool = "atomforge-process"
+    deployment = _deployment_in(server, pool)
+    port = int(server["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
+    settings = ServiceSettings(dir=tmp_path, host="127.0.0.1", port=port, idle_poll_seconds=3600)
+    with httpx.Client(base_url=server["PREFECT_API_URL"], timeout=10) as client:
+        consumer = Consumer(settings, client)
+        assert consumer.wakeups.pool == pool and consumer.wakeups.connect()
+        time.sleep(ALERT_SECONDS)
+        consumer.wakeups.poll_due()
+        body = {"job_variables": {"command": "true"}}  # the worker's: the consumer leaves it
+        run = api_post(server, f"/deployments/{deployment}/create_flow_run", body)
+        _heard(consumer.wakeups, run["id"])
+        deadline = time.monotonic() + 30
+        while consumer.wakeups.poll_due() and time.monotonic() < deadline:
+            consumer.poll()
+            time.sleep(0.2)
+        assert run["id"] in consumer.wakeups.found_at  # found, not forgotten after 2 s
+        assert not consumer.wakeups.unseen and not consumer.wakeups.poll_due()
+        consumer.wakeups.close()
 
 
 def test_a_stream_lost_with_its_server_means_polling_every_round(tmp_path):
