@@ -10,8 +10,8 @@ and asks at once when one of its pool's comes. It keeps asking every 0.2 s after
 server sends the event from inside its transaction, so the run may not be visible for a
 moment), until its polls have found each run announced (:meth:`found`), for at most
 :data:`ALERT_SECONDS`; otherwise every ``idle_poll_seconds`` (a run of a schedule becomes
-due without an event). Each of those asks costs the server about 10 ms
-of CPU: a request that kept the consumer asking for the whole window cost it ten. With
+due without an event). Each of those asks costs the server about 10 ms of CPU: a
+request that kept the consumer asking for the whole window cost it ten. With
 ``ends=True`` (the consumer) a run of the pool that ended also counts once: its slot
 under the pool's limit may go to a run that waits. While the stream is down (the
 server restarting) it polls as before and reconnects every :data:`RECONNECT_SECONDS`.
@@ -68,7 +68,6 @@ class ScheduledRuns:
         self.sock: socket.socket | None = None
         self.protocol: ClientProtocol | None = None
         self.tried_at = -RECONNECT_SECONDS
-        self.heard_at = -ALERT_SECONDS
         self.unseen: dict[str, float] = {}
         self.found_at: dict[str, float] = {}
         self.blind_until = -ALERT_SECONDS
@@ -109,7 +108,6 @@ class ScheduledRuns:
             return False
         print(f"listening to the server's scheduled runs of pool {self.pool}", flush=True)
         self.said_down = False
-        self.heard_at = now
         self.blind_until = now + ALERT_SECONDS
         return True
 
@@ -213,10 +211,9 @@ class ScheduledRuns:
             for related in event.get("related", [])
         )
         if of_pool and event["resource"].get("prefect.state-type") == WAITING:
-            self.heard_at = time.monotonic()
             run_id = event["resource"]["prefect.resource.id"].rpartition(".")[2]
             if run_id not in self.found_at:  # else told after a poll found it
-                self.unseen[run_id] = self.heard_at
+                self.unseen[run_id] = time.monotonic()
         elif of_pool:
             self.ended = True
         return of_pool
