@@ -166,13 +166,14 @@ class _Forked:
         return self.returncode
 
 
-def _fork_zygote(control_fd: int, modules: dict[str, list[str]], env: dict[str, str]) -> _Forked:
+def _fork_zygote(control_fd: int, args: list[str], env: dict[str, str]) -> _Forked:
     """Fork the zygote from this process: in a session of its own, with the default
     action for each signal its owner handled in Python, ``control_fd`` as its only
-    descriptor besides ``/dev/null`` as its standard streams, and environment ``env``.
-    What it inherits is frozen, so the cyclic collector frees none of the owner's
-    objects (one holding a descriptor would close a number the zygote reuses); the
-    frames that hold the rest never return. Returns the forked zygote."""
+    descriptor besides ``/dev/null`` as its standard streams, environment ``env`` and
+    command-line arguments ``args``. What it inherits is frozen, so the cyclic collector
+    frees none of the owner's objects (one holding a descriptor would close a number the
+    zygote reuses); the frames that hold the rest never return. Returns the forked
+    zygote."""
     with warnings.catch_warnings():  # Python 3.12+ warns of the owner's threads: vouched for
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
@@ -195,7 +196,7 @@ def _fork_zygote(control_fd: int, modules: dict[str, list[str]], env: dict[str, 
                     os.close(fd)
         os.environ.clear()
         os.environ.update(env)
-        code = zygote.main([str(control_fd), json.dumps(modules)])
+        code = zygote.main(args)
     finally:
         os._exit(code)
 
@@ -206,19 +207,14 @@ class _Zygote:
     def __init__(self, env: dict[str, str], modules: dict[str, list[str]], fork: bool) -> None:
         self.env = env
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = [str(theirs.fileno()), json.dumps(modules)]
         try:
             self.proc: subprocess.Popen | _Forked
             if fork:
-                self.proc = _fork_zygote(theirs.fileno(), modules, env)
+                self.proc = _fork_zygote(theirs.fileno(), args, env)
             else:
                 self.proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        zygote.MODULE,
-                        str(theirs.fileno()),
-                        json.dumps(modules),
-                    ],
+                    [sys.executable, "-m", zygote.MODULE, *args],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
